@@ -1,0 +1,3 @@
+from egrpo.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Atomic checkpoints: model and optimizer in safetensors, trainer state in JSON.
+
+A checkpoint is written into a temporary directory and renamed into place, then the ``latest``
+pointer is replaced atomically: a crash or Ctrl-C at any moment leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_weights(path: Path, module: torch.nn.Module, arch: dict) -> None:
+    """Model weights with the architecture in the metadata, written atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(tensors, str(tmp), metadata={"arch": json.dumps(arch, sort_keys=True)})
+    os.replace(tmp, path)
+
+
+def load_weights(path: Path, module: torch.nn.Module, arch: dict) -> None:
+    """Load weights saved by :func:`save_weights`, refusing those of another architecture."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    saved = json.loads(meta["arch"]) if "arch" in meta else None
+    if saved is not None and saved != json.loads(json.dumps(arch, sort_keys=True)):
+        diff = {k: (saved.get(k), arch.get(k)) for k in set(saved) | set(arch) if saved.get(k) != arch.get(k)}
+        raise CheckpointError(
+            f"{path} was saved for another architecture; differing fields (checkpoint, config): {diff}. "
+            "Use a checkpoint of this model, or set the model config to match it."
+        )
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{path} does not fit this model's architecture: {len(missing)} missing tensors {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}, {len(shapes)} with other shapes {shapes[:3]}"
+        )
+    module.load_state_dict(tensors)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, slots in state["state"].items():
+        for name, value in slots.items():
+            tensors[f"{index}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path, groups: dict) -> None:
+    tensors = load_file(str(path))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+def save_checkpoint(
+    run_dir: Path, iteration: int, module: torch.nn.Module, arch: dict, optimizer: torch.optim.Optimizer, state: dict
+) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"iter-{iteration:06d}"
+    tmp = root / f".iter-{iteration:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_weights(tmp / "model.safetensors", module, arch)
+    opt_tensors, groups = _optimizer_tensors(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "optimizer": groups, **state}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    atomic_write_text(root / "latest", final.name)
+    for old in root.glob("iter-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(
+    path: Path, module: torch.nn.Module, arch: dict, optimizer: torch.optim.Optimizer | None
+) -> dict:
+    """Restore model (and optimizer) from a checkpoint directory; returns its trainer state."""
+    state = json.loads((path / "state.json").read_text())
+    load_weights(path / "model.safetensors", module, arch)
+    if optimizer is not None:
+        _load_optimizer(optimizer, path / "optimizer.safetensors", state.pop("optimizer"))
+    return state

@@ -1,0 +1,164 @@
+"""Command line: ``egrpo train | plan | sample | pretrain``, each a thin shell over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from egrpo import config as cfg
+    from egrpo.trainer import Trainer
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise cfg.ConfigError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
+        if args.config:
+            raise cfg.ConfigError("--resume takes the run's own config.yaml; pass overrides as key=value, not a config file")
+        config = cfg.load(str(run_dir / "config.yaml"), args.overrides)
+        trainer = Trainer(config, run_dir, resume=True, progress=not args.no_progress)
+    else:
+        config = cfg.load(args.config or "embedded", args.overrides)
+        trainer = Trainer(config, progress=not args.no_progress)
+    try:
+        summary = trainer.train()
+    except KeyboardInterrupt:
+        print(f"Stopped. Continue with: egrpo train --resume {trainer.run_dir}", file=sys.stderr)
+        return 130
+    base, final = summary["base"], summary["final"]
+    print(f"run: {trainer.run_dir}")
+    print(f"{'held-out':<16}{'base':>9}{'trained':>9}")
+    for key in base:
+        print(f"{key:<16}{base[key]:>9.3f}{final[key]:>9.3f}")
+    print(f"{summary['iterations']} iterations in {summary['seconds']:.0f} s")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from egrpo import config as cfg
+    from egrpo.planner import make_plan
+
+    config = cfg.load(args.config or "embedded", args.overrides)
+    plan = make_plan(**cfg.plan_kwargs(config))
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+        return 0
+    p = config.plan
+    rule = f"tau = {p.tau}" if p.merge == "adaptive" else p.merge
+    print(f"T={plan.num_steps} shift={plan.shift} eta={plan.eta} merge: {rule}  (H = exp. entropy per dimension)")
+    print(f"{'step':>4} {'sigma':>7} {'dt':>8} {'H(i,1)':>7} {'l':>3} {'H(i,l)':>7}")
+    for row in plan.table():
+        merged = f"{row['merge_length']:>3} {row['merged_entropy']:>7.3f}" if row["active"] else f"{'-':>3} {'-':>7}"
+        print(f"{row['step']:>4} {row['sigma']:>7.4f} {row['dt']:>8.4f} {row['entropy']:>7.3f} {merged}")
+    print(f"merge_lengths: {plan.merge_lengths}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from egrpo import config as cfg
+    from egrpo.planner import make_plan
+    from egrpo.report import save_image_grid
+    from egrpo.rollout import sample_images
+    from egrpo.tasks import build_task
+
+    checkpoint = Path(args.checkpoint)
+    source = checkpoint / "config.yaml" if (checkpoint / "config.yaml").is_file() else None
+    overrides = [f"model.checkpoint={checkpoint}"] + args.overrides
+    config = cfg.load(str(source) if source else "embedded", overrides)
+    task = build_task(config)
+    plan = make_plan(**cfg.plan_kwargs(config))
+    noise = torch.randn((args.num, *task.policy.latent_shape), generator=torch.Generator().manual_seed(args.seed))
+    images = sample_images(task.policy, task.policy.encode([args.prompt] * args.num), noise, plan.sigmas)
+    out = Path(args.out)
+    save_image_grid(images, out, title=args.prompt)
+    print(f"wrote {out} ({args.num} samples, seed {args.seed})")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from egrpo.embedded.pretrain import pretrain
+
+    paths = pretrain(Path(args.out), flow_steps=args.flow_steps, seed=args.seed)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="egrpo", description="E-GRPO for flow-matching text-to-image models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    overrides_help = "config overrides as section.key=value (e.g. plan.tau=2.0 train.iterations=20)"
+    train = sub.add_parser("train", help="run E-GRPO (default: the embedded digits task)")
+    train.add_argument("config", nargs="?", help="config file or shipped config name (default: embedded)")
+    train.add_argument("overrides", nargs="*", help=overrides_help)
+    train.add_argument("--resume", metavar="RUN", help="continue the run in this directory from its last checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    plan = sub.add_parser("plan", help="print the entropy plan: merge length per active step")
+    plan.add_argument("config", nargs="?", help="config file or shipped config name (default: embedded)")
+    plan.add_argument("overrides", nargs="*", help=overrides_help)
+    plan.add_argument("--json", action="store_true", help="print JSON (with the key merge_lengths)")
+    plan.set_defaults(func=cmd_plan)
+
+    sample = sub.add_parser("sample", help="write an image grid for a prompt")
+    sample.add_argument("--checkpoint", required=True, help="a run directory or a .safetensors weights file")
+    sample.add_argument("--prompt", required=True)
+    sample.add_argument("--num", type=int, default=16, help="number of samples (default 16)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
+    sample.add_argument("overrides", nargs="*", help=overrides_help)
+    sample.set_defaults(func=cmd_sample)
+
+    pre = sub.add_parser("pretrain", help="rebuild the embedded base model and reward networks")
+    pre.add_argument("--out", default="pretrained", help="output directory (default: ./pretrained)")
+    pre.add_argument("--flow-steps", type=int, default=200, help="flow-matching steps of the base model")
+    pre.add_argument("--seed", type=int, default=0)
+    pre.set_defaults(func=cmd_pretrain)
+    return parser
+
+
+def _split_overrides(args: argparse.Namespace) -> None:
+    """argparse cannot tell an optional config from an override: a first positional with '=' is an override."""
+    if getattr(args, "config", None) and "=" in args.config:
+        args.overrides = [args.config] + list(args.overrides)
+        args.config = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _split_overrides(args)
+    _quiet_libraries()
+    from egrpo.checkpoint import CheckpointError
+    from egrpo.config import ConfigError
+
+    if getattr(args, "func", None) is cmd_sample and args.num < 1:
+        parser.error("--num must be >= 1")
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+        print(f"egrpo {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,59 @@
+"""The embedded task's shipped weights: the base policy and the reward networks (safetensors, in the package).
+
+Both files are produced by ``egrpo pretrain`` (see :mod:`egrpo.embedded.pretrain`); the package
+ships them so every user starts RL from the same base model and scores with the same rewards.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from safetensors.torch import load_file, safe_open
+
+from egrpo.embedded.model import DigitsPolicy, TinyFluxConfig
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
+BASE_POLICY = ASSET_DIR / "digits_base.safetensors"
+REWARD_MODELS = ASSET_DIR / "digits_rewards.safetensors"
+
+
+@dataclass
+class RewardModels:
+    classifier: "DigitClassifier"
+    judge: "DigitClassifier"
+    density: "DigitDensity"
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall egrpo or rebuild it with `egrpo pretrain`")
+    return path
+
+
+def read_metadata(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_base_policy(path: Path | None = None) -> DigitsPolicy:
+    path = _require(Path(path) if path else BASE_POLICY)
+    arch = json.loads(read_metadata(path)["arch"])
+    arch.pop("kind", None)
+    policy = DigitsPolicy(TinyFluxConfig(**arch))
+    policy.model.load_state_dict(load_file(str(path)))
+    return policy
+
+
+@lru_cache(maxsize=None)
+def load_reward_models(path: Path | None = None) -> RewardModels:
+    from egrpo.rewards.digits import DigitClassifier, DigitDensity
+
+    tensors = load_file(str(_require(Path(path) if path else REWARD_MODELS)))
+    parts = {}
+    for name, module in (("classifier", DigitClassifier()), ("judge", DigitClassifier()), ("density", DigitDensity())):
+        module.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        parts[name] = module.eval().requires_grad_(False)
+    return RewardModels(**parts)

@@ -1,0 +1,47 @@
+"""What the engine needs from a flow model: velocities, prompt conditioning, and images from latents.
+
+The rollout engine and the trainer only talk to this protocol, so the embedded digits model and the
+FLUX / SD3 adapters are interchangeable. Conditioning is a plain dict of tensors with a leading batch
+dimension, so the engine can index and repeat it without knowing what is inside.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+from torch import nn
+
+Cond = dict[str, torch.Tensor]
+
+
+class Policy(Protocol):
+    model: nn.Module
+    """The trainable network; the trainer optimises its parameters and may wrap it (DDP, FSDP)."""
+
+    latent_shape: tuple[int, ...]
+    """Shape of one latent, without the batch dimension."""
+
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        """Conditioning for a batch of prompts."""
+        ...
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, model: nn.Module | None = None) -> torch.Tensor:
+        """Predicted velocity ``eps - x0`` at latents ``x`` (B, ...) and flow times ``sigma`` (B,).
+
+        ``model`` replaces ``self.model`` (e.g. the frozen reference for the KL term).
+        """
+        ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] from final latents."""
+        ...
+
+    def arch_config(self) -> dict:
+        """What identifies the architecture; stored with every checkpoint and checked on load."""
+        ...
+
+
+def select(cond: Cond, index: torch.Tensor) -> Cond:
+    """Rows ``index`` of every tensor in ``cond``."""
+    return {k: v[index] for k, v in cond.items()}

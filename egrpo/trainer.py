@@ -1,0 +1,295 @@
+"""The E-GRPO trainer: composes plan, rollout, rewards, advantages and the PPO-clip update; owns no formula.
+
+One iteration (method.md sections 4-6): pick prompts; roll out the plan (anchor ODE, one merged
+SDE jump per active step and group member, ODE completion); score every final image; z-score the
+rewards within each (prompt, step) group; then, for each active step, evaluate the policy ONCE per
+prompt on the shared anchor latent, compute the G log-probs from that output and take one
+optimizer step.
+
+Every iteration draws its randomness from a generator seeded by (seed, iteration), so a resumed
+run repeats exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from egrpo import checkpoint as ckpt
+from egrpo.config import Config, ConfigError, plan_kwargs
+from egrpo.grpo import group_advantages, kl_to_reference, ppo_clip_loss
+from egrpo.planner import RolloutPlan, make_plan
+from egrpo.policy import Cond, select
+from egrpo.rewards import WeightedReward
+from egrpo.rollout import RolloutBatch, rollout, sample_images
+from egrpo.stepmath import gaussian_log_prob, sde_distribution
+from egrpo.tasks import Task, build_task
+
+
+def iteration_generator(seed: int, iteration: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+
+
+@dataclass
+class Evaluation:
+    """Fixed held-out prompts and noises, so base and trained models see exactly the same inputs."""
+
+    prompts: list[str]
+    noise: torch.Tensor
+    cond: Cond = field(repr=False, default=None)
+
+
+def make_evaluation(task: Task, config: Config) -> Evaluation:
+    seeds = config.eval.seeds_per_prompt
+    prompts = [p for p in task.eval_prompts for _ in range(seeds)]
+    noise = torch.stack(
+        [
+            torch.randn(task.policy.latent_shape, generator=torch.Generator().manual_seed(config.eval.seed + 7919 * j + s))
+            for j in range(len(task.eval_prompts))
+            for s in range(seeds)
+        ]
+    )
+    return Evaluation(prompts=prompts, noise=noise, cond=task.policy.encode(prompts))
+
+
+class Trainer:
+    def __init__(self, config: Config, run_dir: Path | None = None, resume: bool = False, progress: bool = True):
+        self.config = config
+        self.progress = progress
+        self.task = build_task(config)
+        self.policy = self.task.policy
+        self.plan: RolloutPlan = make_plan(**plan_kwargs(config))
+        self.reward = WeightedReward(config.reward)
+        self.run_dir = Path(run_dir) if run_dir else default_run_dir(config)
+        self.model = self.policy.model
+        self.reference = None
+        if config.train.kl_coef > 0:
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
+        )
+        self.train_cond = self.policy.encode(self.task.train_prompts)
+        self.evaluation = make_evaluation(self.task, config)
+        self.start_iteration = 0
+        self._stop_requested = False
+        if resume:
+            self._resume()
+        else:
+            self._start_new_run()
+
+    # ---- run directory --------------------------------------------------------------------------
+    def _start_new_run(self) -> None:
+        if (self.run_dir / "metrics.jsonl").exists():
+            raise ConfigError(
+                f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} or pick another output_dir"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config.output_dir = str(self.run_dir)
+        self.config.dump(self.run_dir / "config.yaml")
+        (self.run_dir / "metrics.jsonl").touch()
+
+    def _resume(self) -> None:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None:
+            raise ConfigError(f"{self.run_dir} holds no checkpoint to resume from")
+        state = ckpt.load_checkpoint(latest, self.model, self.policy.arch_config(), self.optimizer)
+        self.start_iteration = state["iteration"]
+        metrics = self.run_dir / "metrics.jsonl"
+        kept = [l for l in metrics.read_text().splitlines() if l and json.loads(l)["iteration"] <= self.start_iteration]
+        ckpt.atomic_write_text(metrics, "".join(l + "\n" for l in kept))
+
+    # ---- one iteration ----------------------------------------------------------------------------
+    def iteration(self, it: int) -> dict:
+        cfg = self.config.train
+        gen = iteration_generator(self.config.seed, it)
+        rows = torch.randperm(len(self.task.train_prompts), generator=gen)[: cfg.prompts_per_iteration]
+        prompts = [self.task.train_prompts[int(r)] for r in rows]
+        cond = select(self.train_cond, rows)
+
+        t0 = time.perf_counter()
+        self.model.eval()
+        batch = rollout(self.policy, self.plan, cond, cfg.group_size, gen, self.config.sampling.noise, cfg.max_batch)
+        t1 = time.perf_counter()
+        rewards, anchor_rewards, parts = self._score(batch, prompts)
+        t2 = time.perf_counter()
+        advantages = group_advantages(rewards, cfg.adv_clip)
+        update = self._update(batch, cond, advantages)
+        t3 = time.perf_counter()
+
+        metrics = {
+            "iteration": it + 1,
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item(),
+            "group_reward_std": rewards.std(dim=-1).mean().item(),
+            "anchor_reward": anchor_rewards.mean().item(),
+            **{f"reward_{k}": v.mean().item() for k, v in parts.items()},
+            **update,
+            "network_calls": batch.network_calls + cfg.prompts_per_iteration * len(self.plan.branches),
+            "seconds_rollout": t1 - t0,
+            "seconds_reward": t2 - t1,
+            "seconds_update": t3 - t2,
+            "seconds": t3 - t0,
+        }
+        return metrics
+
+    def _score(self, batch: RolloutBatch, prompts: list[str]):
+        """One reward call for every branch sample and the anchors; rewards (P, K, G) and anchors (P,)."""
+        p, k, g = batch.final.shape[:3]
+        latents = torch.cat([batch.final.reshape(p * k * g, *batch.final.shape[3:]), batch.anchor_final])
+        names = [prompts[i // (k * g)] for i in range(p * k * g)] + prompts
+        total, parts = self.reward.score(self.policy.decode(latents), names)
+        n = p * k * g
+        return total[:n].reshape(p, k, g), total[n:], {name: v[:n] for name, v in parts.items()}
+
+    def _update(self, batch: RolloutBatch, cond: Cond, advantages: torch.Tensor) -> dict:
+        cfg, sampling = self.config.train, self.config.sampling
+        sigmas = self.plan.sigmas
+        p, k, g = batch.log_probs.shape
+        self.model.train()
+        stats: dict[str, list[float]] = {}
+        for j, branch in enumerate(self.plan.branches):
+            sigma_from = sigmas[branch.step].expand(p)
+            sigma_to = sigmas[branch.landing].expand(p)
+            x_in = batch.branch_inputs[:, j]
+            # The G samples of a group share x_i: one forward per prompt serves all G log-probs.
+            v = self.policy.velocity(x_in, sigma_from.float(), cond)
+            mean, std = sde_distribution(x_in, v, sigma_from, sigma_to, sampling.eta, float(sigmas[1]), sampling.noise)
+            samples = batch.samples[:, j]
+            mean_g = mean[:, None].expand(p, g, *mean.shape[1:])
+            log_probs = gaussian_log_prob(
+                samples.reshape(p * g, *samples.shape[2:]),
+                mean_g.reshape(p * g, *mean.shape[1:]),
+                std[:, None].expand(p, g).reshape(-1),
+            ).reshape(p, g)
+            loss, step_stats = ppo_clip_loss(log_probs, batch.log_probs[:, j], advantages[:, j], cfg.clip_range)
+            if self.reference is not None:
+                with torch.no_grad():
+                    v_ref = self.policy.velocity(x_in, sigma_from.float(), cond, model=self.reference)
+                    ref_mean, _ = sde_distribution(
+                        x_in, v_ref, sigma_from, sigma_to, sampling.eta, float(sigmas[1]), sampling.noise
+                    )
+                kl = kl_to_reference(mean, ref_mean, std)
+                loss = loss + cfg.kl_coef * kl
+                step_stats["kl"] = kl.item()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            step_stats["loss"] = loss.item()
+            step_stats["grad_norm"] = grad_norm.item()
+            if j == 0:
+                step_stats["first_ratio_max_dev"] = step_stats["ratio_max_dev"]
+            for name, value in step_stats.items():
+                stats.setdefault(name, []).append(value)
+        return {name: sum(values) / len(values) for name, values in stats.items()}
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    def evaluate(self) -> tuple[dict, torch.Tensor]:
+        """Held-out metrics and the images they were computed on."""
+        self.model.eval()
+        ev = self.evaluation
+        images = sample_images(self.policy, ev.cond, ev.noise, self.plan.sigmas, self.config.train.max_batch)
+        metrics = self.task.metrics(images, ev.prompts)
+        total, _ = self.reward.score(images, ev.prompts)
+        return {**metrics, "reward": total.mean().item()}, images
+
+    # ---- the run ------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        from egrpo import report
+
+        cfg = self.config
+        base_file, base_images_file = self.run_dir / "eval_base.json", self.run_dir / "eval_base_images.safetensors"
+        if not base_file.exists():
+            base_metrics, base_images = self.evaluate()
+            save_file({"images": base_images}, str(base_images_file))
+            ckpt.atomic_write_text(base_file, json.dumps(base_metrics))
+        base = json.loads(base_file.read_text())
+        report.plot_plan(self.plan, cfg.plan.tau if cfg.plan.merge == "adaptive" else None, self.run_dir / "plan.png")
+
+        started = time.perf_counter()
+        elapsed_before = self._elapsed_before()
+        previous = signal.signal(signal.SIGINT, self._request_stop)
+        bar = _progress(self.start_iteration, cfg.train.iterations, self.progress)
+        try:
+            for it in range(self.start_iteration, cfg.train.iterations):
+                metrics = self.iteration(it)
+                if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.train.iterations:
+                    metrics["eval"] = self.evaluate()[0]
+                metrics["elapsed"] = elapsed_before + time.perf_counter() - started
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                done = it + 1
+                if done % cfg.checkpoint_every == 0 or done == cfg.train.iterations or self._stop_requested:
+                    self._checkpoint(done, metrics["elapsed"])
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", anchor=f"{metrics['anchor_reward']:.3f}")
+                if self._stop_requested:
+                    raise KeyboardInterrupt
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if bar is not None:
+                bar.close()
+
+        final, final_images = self.evaluate()
+        ckpt.save_weights(self.run_dir / "model.safetensors", self.model, self.policy.arch_config())
+        summary = {
+            "base": base,
+            "final": final,
+            "iterations": cfg.train.iterations,
+            "seconds": self._elapsed_before(),
+            "plan": {"active_steps": self.plan.active_steps, "merge_lengths": self.plan.merge_lengths},
+        }
+        ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        report.plot_rewards(self.run_dir / "metrics.jsonl", self.run_dir / "reward_curve.png")
+        report.plot_sample_grid(
+            load_file(str(base_images_file))["images"],
+            final_images,
+            self.evaluation.prompts,
+            self.config.eval.seeds_per_prompt,
+            self.run_dir / "samples.png",
+        )
+        return summary
+
+    def _checkpoint(self, done: int, elapsed: float) -> None:
+        ckpt.save_checkpoint(
+            self.run_dir, done, self.model, self.policy.arch_config(), self.optimizer, {"elapsed": elapsed}
+        )
+
+    def _elapsed_before(self) -> float:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None:
+            return 0.0
+        return float(json.loads((latest / "state.json").read_text()).get("elapsed", 0.0))
+
+    def _request_stop(self, signum, frame) -> None:
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        print(
+            f"\nInterrupted: finishing this iteration and writing a checkpoint to {self.run_dir} "
+            "(Ctrl-C again aborts at once; the last checkpoint stays valid).",
+            flush=True,
+        )
+
+
+def default_run_dir(config: Config) -> Path:
+    if config.output_dir:
+        return Path(config.output_dir)
+    return Path("runs") / f"egrpo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _progress(start: int, total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="E-GRPO", unit="it", dynamic_ncols=True)

@@ -1,0 +1,99 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from egrpo import config as cfg
+from egrpo.cli import main
+from egrpo.trainer import Trainer
+
+
+def _config(tmp_path, overrides, name="run", iterations=2, extra=()):
+    return cfg.load("embedded", overrides + [f"output_dir={tmp_path / name}", f"train.iterations={iterations}", *extra])
+
+
+def test_first_update_ratio_is_exactly_one(tmp_path, tiny_overrides):
+    trainer = Trainer(_config(tmp_path, tiny_overrides, iterations=1), progress=False)
+    metrics = trainer.iteration(0)
+    assert metrics["first_ratio_max_dev"] == 0.0
+    assert metrics["network_calls"] > 0
+    assert set(metrics) >= {"reward_mean", "reward_std", "anchor_reward", "loss", "ratio_mean", "clip_fraction",
+                            "grad_norm", "seconds_rollout", "seconds_reward", "seconds_update"}
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_overrides):
+    extra = ["checkpoint_every=3"]
+    straight = Trainer(_config(tmp_path, tiny_overrides, "straight", 4, extra), progress=False)
+    straight.train()
+
+    interrupted = Trainer(_config(tmp_path, tiny_overrides, "resumed", 4, extra), progress=False)
+    original = interrupted.iteration
+
+    def iteration_then_ctrl_c(it):
+        metrics = original(it)
+        if it == 1:
+            interrupted._request_stop(None, None)  # what the SIGINT handler does
+        return metrics
+
+    interrupted.iteration = iteration_then_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text() == "iter-000002"
+
+    resumed_config = cfg.load(str(tmp_path / "resumed" / "config.yaml"))
+    Trainer(resumed_config, tmp_path / "resumed", resume=True, progress=False).train()
+
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rewards = [[json.loads(l)["reward_mean"] for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+               for n in ("straight", "resumed")]
+    assert rewards[0] == rewards[1] and len(rewards[0]) == 4
+
+
+def test_resume_needs_a_checkpoint(tmp_path, tiny_overrides):
+    config = _config(tmp_path, tiny_overrides)
+    with pytest.raises(cfg.ConfigError, match="no checkpoint"):
+        Trainer(config, tmp_path / "empty", resume=True, progress=False)
+
+
+def test_a_new_run_refuses_to_overwrite_an_old_one(tmp_path, tiny_overrides):
+    Trainer(_config(tmp_path, tiny_overrides), progress=False)
+    with pytest.raises(cfg.ConfigError, match="already holds a run"):
+        Trainer(_config(tmp_path, tiny_overrides), progress=False)
+
+
+def test_kl_term_is_logged_and_zero_on_the_first_step(tmp_path, tiny_overrides):
+    trainer = Trainer(_config(tmp_path, tiny_overrides, extra=["train.kl_coef=0.04"]), progress=False)
+    metrics = trainer.iteration(0)
+    assert metrics["kl"] > 0  # averaged over steps: the policy moves after the first optimizer step
+    assert metrics["first_ratio_max_dev"] == 0.0
+
+
+def test_cli_train_writes_the_run_directory_and_sample_reads_it(tmp_path, tiny_overrides, capsys):
+    run = tmp_path / "cli"
+    assert main(["train", *tiny_overrides, f"output_dir={run}", "train.iterations=2", "--no-progress"]) == 0
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "reward_curve.png",
+                 "samples.png", "plan.png"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["iterations"] == 2 and summary["seconds"] > 0
+    for key in ("alignment", "accuracy", "quality"):
+        assert key in summary["base"] and key in summary["final"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    out = tmp_path / "seven.png"
+    assert main(["sample", "--checkpoint", str(run), "--prompt", "a handwritten seven", "--num", "4", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+
+
+def test_embedded_run_raises_held_out_alignment(tmp_path, eval_prompt_file):
+    """A short real run: held-out alignment must rise clearly over the base model."""
+    prompts = tmp_path / "heldout.txt"
+    prompts.write_text("\n".join(f"the numeral {w} in handwriting" for w in
+                                 ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")))
+    config = cfg.load("embedded", [f"output_dir={tmp_path / 'learn'}", "train.iterations=6", "train.prompts_per_iteration=6",
+                                   "train.group_size=6", "plan.active_steps=first:4", "eval.seeds_per_prompt=3",
+                                   f"prompts.eval={prompts}"])
+    summary = Trainer(config, progress=False).train()
+    assert summary["final"]["alignment"] > summary["base"]["alignment"] + 0.05
