@@ -29,10 +29,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors: every parameter with requires_grad (all of them in full fine-tuning, the
+    adapters under LoRA, so a LoRA checkpoint of a 12B model stays small)."""
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
 def save_weights(path: Path, module: torch.nn.Module, arch: dict) -> None:
-    """Model weights with the architecture in the metadata, written atomically."""
+    """Trained weights with the architecture in the metadata, written atomically."""
     tmp = path.with_name(path.name + ".tmp")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in trainable_state(module).items()}
     save_file(tensors, str(tmp), metadata={"arch": json.dumps(arch, sort_keys=True)})
     os.replace(tmp, path)
 
@@ -55,7 +61,7 @@ def load_weights(path: Path, module: torch.nn.Module, arch: dict) -> None:
             f"{path} was saved for another architecture; differing fields (checkpoint, config): {diff}. "
             "Use a checkpoint of this model, or set the model config to match it."
         )
-    expected = module.state_dict()
+    expected = trainable_state(module)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     shapes = [k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape]
@@ -64,7 +70,9 @@ def load_weights(path: Path, module: torch.nn.Module, arch: dict) -> None:
             f"{path} does not fit this model's architecture: {len(missing)} missing tensors {missing[:3]}, "
             f"{len(unexpected)} unexpected {unexpected[:3]}, {len(shapes)} with other shapes {shapes[:3]}"
         )
-    module.load_state_dict(tensors)
+    with torch.no_grad():
+        for name, value in tensors.items():
+            expected[name].copy_(value)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -102,7 +102,8 @@ class Config:
     """Run directory; None = runs/<method>-<timestamp>."""
     checkpoint_every: int = 10
     reward: dict = field(default_factory=lambda: {"alignment": 1.0})
-    """Reward name -> weight; the training reward is the weighted sum."""
+    """Reward name -> weight, or name -> {weight: w, <option>: value} for rewards that take options
+    (e.g. ``reward.hps.checkpoint=PATH``); the training reward is the weighted sum."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -176,6 +177,9 @@ def apply(config: Config, values: dict[str, Any], source: str) -> Config:
     """Set dotted keys on ``config`` after checking each key and type; ``source`` names where they came from."""
     keys = known_keys()
     for key, value in values.items():
+        if key.startswith("reward.") and key != "reward":
+            _set_reward_option(config, key, value)
+            continue
         if key not in keys:
             short = [k for k in keys if k.rsplit(".", 1)[-1] == key]
             if len(short) == 1:
@@ -189,6 +193,37 @@ def apply(config: Config, values: dict[str, Any], source: str) -> Config:
             target = getattr(target, name)
         setattr(target, leaf, value)
     return config
+
+
+def _set_reward_option(config: Config, key: str, value: Any) -> None:
+    """``reward.NAME=w`` sets a weight; ``reward.NAME.OPTION=v`` sets an option (turning a bare weight into a mapping)."""
+    parts = key.split(".")
+    if len(parts) == 2:
+        entry = config.reward.get(parts[1])
+        if isinstance(entry, dict):
+            entry["weight"] = value
+        else:
+            config.reward[parts[1]] = value
+        return
+    if len(parts) != 3:
+        raise ConfigError(f"{key}: expected reward.NAME=weight or reward.NAME.OPTION=value")
+    entry = config.reward.get(parts[1], {"weight": 1.0})
+    if not isinstance(entry, dict):
+        entry = {"weight": entry}
+    entry[parts[2]] = value
+    config.reward[parts[1]] = entry
+
+
+def reward_specs(config: Config) -> dict[str, tuple[float, dict]]:
+    """name -> (weight, options) from the ``reward`` section."""
+    specs = {}
+    for name, entry in config.reward.items():
+        if isinstance(entry, dict):
+            options = dict(entry)
+            specs[name] = (options.pop("weight", 1.0), options)
+        else:
+            specs[name] = (entry, {})
+    return specs
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -260,7 +295,7 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    for name, weight in config.reward.items():
+    for name, (weight, _) in reward_specs(config).items():
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise ConfigError(f"reward.{name}: the weight must be a number, got {weight!r}")
     from egrpo.rewards import available

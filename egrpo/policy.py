@@ -26,11 +26,17 @@ class Policy(Protocol):
         """Conditioning for a batch of prompts."""
         ...
 
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, model: nn.Module | None = None) -> torch.Tensor:
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, reference: bool = False) -> torch.Tensor:
         """Predicted velocity ``eps - x0`` at latents ``x`` (B, ...) and flow times ``sigma`` (B,).
 
-        ``model`` replaces ``self.model`` (e.g. the frozen reference for the KL term).
+        ``reference=True`` asks for the frozen base model (the KL term): a full copy, or for LoRA the
+        network with its adapters disabled. Gradients flow only through ``reference=False`` calls.
         """
+        ...
+
+    def freeze_reference(self) -> None:
+        """Keep the current weights as the reference of ``velocity(..., reference=True)``; the trainer
+        calls it once on the base model, before any update or resumed checkpoint is loaded."""
         ...
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,6 @@ run repeats exactly what an uninterrupted one would have done.
 
 from __future__ import annotations
 
-import copy
 import json
 import signal
 import time
@@ -24,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from egrpo import checkpoint as ckpt
-from egrpo.config import Config, ConfigError, plan_kwargs
+from egrpo.config import Config, ConfigError, plan_kwargs, reward_specs
 from egrpo.grpo import group_advantages, kl_to_reference, ppo_clip_loss
 from egrpo.planner import RolloutPlan, make_plan
 from egrpo.policy import Cond, select
@@ -67,15 +66,13 @@ class Trainer:
         self.task = build_task(config)
         self.policy = self.task.policy
         self.plan: RolloutPlan = make_plan(**plan_kwargs(config))
-        self.reward = WeightedReward(config.reward)
+        self.reward = WeightedReward(reward_specs(config))
         self.run_dir = Path(run_dir) if run_dir else default_run_dir(config)
-        self.model = self.policy.model
-        self.reference = None
         if config.train.kl_coef > 0:
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
-        )
+            self.policy.freeze_reference()
+        self.model = self.policy.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.train.lr, weight_decay=config.train.weight_decay)
         self.train_cond = self.policy.encode(self.task.train_prompts)
         self.evaluation = make_evaluation(self.task, config)
         self.start_iteration = 0
@@ -170,9 +167,9 @@ class Trainer:
                 std[:, None].expand(p, g).reshape(-1),
             ).reshape(p, g)
             loss, step_stats = ppo_clip_loss(log_probs, batch.log_probs[:, j], advantages[:, j], cfg.clip_range)
-            if self.reference is not None:
+            if cfg.kl_coef > 0:
                 with torch.no_grad():
-                    v_ref = self.policy.velocity(x_in, sigma_from.float(), cond, model=self.reference)
+                    v_ref = self.policy.velocity(x_in, sigma_from.float(), cond, reference=True)
                     ref_mean, _ = sde_distribution(
                         x_in, v_ref, sigma_from, sigma_to, sampling.eta, float(sigmas[1]), sampling.noise
                     )
@@ -181,7 +178,7 @@ class Trainer:
                 step_stats["kl"] = kl.item()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             self.optimizer.step()
             step_stats["loss"] = loss.item()
             step_stats["grad_norm"] = grad_norm.item()

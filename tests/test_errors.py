@@ -105,3 +105,10 @@ def test_not_a_safetensors_file(tmp_path, capsys):
 
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert "no config.yaml" in _cli_error(["train", "--resume", str(tmp_path)], capsys)
+
+
+def test_reward_options_from_the_command_line():
+    config = cfg.load("embedded", ["reward.quality=0.5", "reward.alignment.weight=0.7"])
+    assert cfg.reward_specs(config) == {"alignment": (0.7, {}), "quality": (0.5, {})}
+    with pytest.raises(cfg.ConfigError, match="reward.alignment"):
+        cfg.load("embedded", ["reward.alignment=heavy"])

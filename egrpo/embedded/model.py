@@ -7,6 +7,7 @@ sentence embedding enters through the pooled-projection path.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -86,6 +87,7 @@ class DigitsPolicy:
         self._img_ids = image_ids()
         self._txt_ids = torch.zeros(self.config.max_tokens, 3)
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._reference: nn.Module | None = None
 
     def arch_config(self) -> dict:
         return {"kind": "embedded-digits-flux", **asdict(self.config)}
@@ -99,8 +101,10 @@ class DigitsPolicy:
         rows = [self._prompt_cache[p] for p in prompts]
         return {"text": torch.stack([r[0] for r in rows]), "pooled": torch.stack([r[1] for r in rows])}
 
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, model: nn.Module | None = None) -> torch.Tensor:
-        net = model if model is not None else self.model
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, reference: bool = False) -> torch.Tensor:
+        if reference and self._reference is None:
+            raise RuntimeError("velocity(reference=True) needs freeze_reference() first")
+        net = self._reference if reference else self.model
         return net(
             hidden_states=x,
             encoder_hidden_states=cond["text"],
@@ -110,6 +114,9 @@ class DigitsPolicy:
             txt_ids=self._txt_ids,
             return_dict=False,
         )[0]
+
+    def freeze_reference(self) -> None:
+        self._reference = copy.deepcopy(self.model).eval().requires_grad_(False)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return unpack(latents.float()).clamp(0.0, 1.0)

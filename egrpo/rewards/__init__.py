@@ -15,10 +15,11 @@ class Reward(Protocol):
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
 
 
-_REGISTRY: dict[str, Callable[[], Reward]] = {}
+_REGISTRY: dict[str, Callable[..., Reward]] = {}
 
 
-def register(name: str, factory: Callable[[], Reward]) -> None:
+def register(name: str, factory: Callable[..., Reward]) -> None:
+    """``factory(**options)`` builds the reward; options come from the config (``reward.NAME.OPTION=value``)."""
     _REGISTRY[name] = factory
 
 
@@ -27,7 +28,7 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build(name: str) -> Reward:
+def build(name: str, **options) -> Reward:
     _register_builtin()
     if name not in _REGISTRY:
         import difflib
@@ -35,17 +36,20 @@ def build(name: str) -> Reward:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY))}.{hint}")
-    return _REGISTRY[name]()
+    try:
+        return _REGISTRY[name](**options)
+    except TypeError as exc:
+        raise ValueError(f"reward {name!r}: bad options {sorted(options)} ({exc})") from None
 
 
 class WeightedReward:
     """``sum_k w_k * reward_k``; each component is also returned so it can be logged on its own."""
 
-    def __init__(self, weights: Mapping[str, float]):
-        if not weights:
+    def __init__(self, specs: Mapping[str, tuple[float, dict]]):
+        if not specs:
             raise ValueError("reward weights are empty: give at least one reward, e.g. {alignment: 1.0}")
-        self.weights = dict(weights)
-        self.components = {name: build(name) for name in self.weights}
+        self.weights = {name: float(weight) for name, (weight, _) in specs.items()}
+        self.components = {name: build(name, **options) for name, (_, options) in specs.items()}
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
