@@ -89,6 +89,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     task = build_task(config)
     plan = make_plan(**cfg.plan_kwargs(config))
     noise = torch.randn((args.num, *task.policy.latent_shape), generator=torch.Generator().manual_seed(args.seed))
+    noise = noise.to(task.policy.device)
     images = sample_images(task.policy, task.policy.encode([args.prompt] * args.num), noise, plan.sigmas)
     out = Path(args.out)
     save_image_grid(images, out, title=args.prompt)

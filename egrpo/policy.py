@@ -22,6 +22,9 @@ class Policy(Protocol):
     latent_shape: tuple[int, ...]
     """Shape of one latent, without the batch dimension."""
 
+    device: torch.device
+    """Where latents and conditioning live; the engine draws noise on the CPU (reproducible) and moves it here."""
+
     def encode(self, prompts: Sequence[str]) -> Cond:
         """Conditioning for a batch of prompts."""
         ...

@@ -106,7 +106,7 @@ def rollout(
     sigmas = plan.sigmas
     num_prompts = next(iter(cond.values())).shape[0]
     shape = tuple(policy.latent_shape)
-    noise = torch.randn((num_prompts, *shape), generator=generator)
+    noise = torch.randn((num_prompts, *shape), generator=generator).to(policy.device)
     anchor, anchor_v = anchor_trajectory(velocity, noise, cond, sigmas)
 
     steps = torch.tensor(plan.active_steps)
@@ -118,7 +118,7 @@ def rollout(
     v = anchor_v[:, steps][:, :, None].expand(num_prompts, k, g, *shape).reshape(-1, *shape)
     step_of = steps[None, :, None].expand(num_prompts, k, g).reshape(-1)
     land_of = landings[None, :, None].expand(num_prompts, k, g).reshape(-1)
-    eps = torch.randn(x.shape, generator=generator)
+    eps = torch.randn(x.shape, generator=generator).to(policy.device)
     jump = sde_step(x, v, sigmas[step_of], sigmas[land_of], plan.eta, float(sigmas[1]), eps, noise_kind)
     log_probs = gaussian_log_prob(jump.sample, jump.mean, jump.std)
 

@@ -56,7 +56,7 @@ def make_evaluation(task: Task, config: Config) -> Evaluation:
             for s in range(seeds)
         ]
     )
-    return Evaluation(prompts=prompts, noise=noise, cond=task.policy.encode(prompts))
+    return Evaluation(prompts=prompts, noise=noise.to(task.policy.device), cond=task.policy.encode(prompts))
 
 
 class Trainer:

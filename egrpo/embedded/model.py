@@ -80,6 +80,7 @@ class DigitsPolicy:
     """Policy adapter of the embedded task (see :class:`egrpo.policy.Policy`)."""
 
     latent_shape = (TOKENS, CHANNELS)
+    device = torch.device("cpu")
 
     def __init__(self, config: TinyFluxConfig | None = None, model: nn.Module | None = None):
         self.config = config or TinyFluxConfig()
