@@ -31,6 +31,35 @@ class ModelConfig:
     """Policy adapter: 'embedded' (tiny FLUX-architecture model on the digits)."""
     checkpoint: Optional[str] = None
     """Base weights (a .safetensors file or a run directory); None = the shipped base model."""
+    pretrained: Optional[str] = None
+    """Diffusers pipeline of kind 'flux' / 'sd3': a hub id (black-forest-labs/FLUX.1-dev) or a local folder.
+    Training loads only its transformer and VAE; the text encoders run once, in ``egrpo preprocess``."""
+    embedding_cache: Optional[str] = None
+    """Text embeddings of every prompt for 'flux' / 'sd3' (a .safetensors file written by ``egrpo preprocess``)."""
+    height: int = 720
+    """Image height in pixels for 'flux' / 'sd3' (the authors' FLUX code: 720)."""
+    width: int = 720
+    """Image width in pixels for 'flux' / 'sd3'."""
+    guidance: Optional[float] = None
+    """FLUX: embedded guidance (None = 3.5; ignored by transformers without guidance embeddings).
+    SD3: true classifier-free guidance scale (None = 4.5 as in Flow-GRPO; 1 = no unconditional branch)."""
+    max_sequence_length: Optional[int] = None
+    """T5 tokens per prompt in the embedding cache; None = the pipeline's default (FLUX 512, SD3 256)."""
+    device: Optional[str] = None
+    """Where 'flux' / 'sd3' run ('cuda', 'cuda:1', 'cpu'); None = the first GPU if there is one, else the CPU."""
+    dtype: str = "bfloat16"
+    """Compute dtype of 'flux' / 'sd3' on a GPU, 'bfloat16' (autocast; fp32 master weights) or 'float32';
+    on the CPU everything runs in fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute transformer blocks in the backward pass instead of storing their activations."""
+    lora_rank: int = 0
+    """LoRA rank of the 'flux' / 'sd3' transformer (peft); 0 = full fine-tuning."""
+    lora_alpha: float = 64.0
+    """LoRA scaling numerator (the update is scaled by alpha / rank; Flow-GRPO: rank 32, alpha 64)."""
+    lora_target_modules: Optional[list] = None
+    """Module names LoRA adapts; None = the attention projections of the joint blocks (Flow-GRPO's list)."""
+    decode_batch: int = 4
+    """Most latents the VAE decodes at once (a memory bound: an iteration decodes every branch sample)."""
 
 
 @dataclass
@@ -76,6 +105,8 @@ class TrainConfig:
     """Weight of the KL to the frozen base model (paper: 0, no KL)."""
     max_batch: int = 1024
     """Most latents per network call during rollouts and evaluation (a memory bound)."""
+    update_batch: int = 64
+    """Most distinct inputs per forward-backward in the update; larger steps accumulate gradients over chunks."""
 
 
 @dataclass
@@ -96,6 +127,26 @@ class EvalConfig:
 
 
 @dataclass
+class MethodConfig:
+    name: str = "egrpo"
+    """egrpo, g2rpo, tempflow, flowgrpo, flowgrpo-fast, dancegrpo, mixgrpo or branchgrpo (see egrpo/methods.py)."""
+    granularities: list = field(default_factory=lambda: [1])
+    """Branch methods: ODE completion strides after the jump; G2RPO sums the z-scores over {1, 2}."""
+    window: int = 4
+    """MixGRPO / Flow-GRPO-Fast: consecutive SDE (and trained) steps."""
+    window_shift_every: int = 0
+    """MixGRPO: iterations between window moves (0 = iterations / (T/2), so the window sweeps the first half once)."""
+    train_fraction: float = 0.6
+    """DanceGRPO: fraction of the steps trained each iteration, drawn at random."""
+    split_steps: Optional[list] = None
+    """BranchGRPO: split steps (None = the authors' 0, 3, 6, 9 of 20 rescaled to num_steps)."""
+    branch_factor: int = 2
+    """BranchGRPO: children per node at each split."""
+    branch_noise_scale: float = 4.0
+    """BranchGRPO: factor on the SDE noise at splits (the log-prob uses the same std)."""
+
+
+@dataclass
 class Config:
     seed: int = 0
     output_dir: Optional[str] = None
@@ -110,6 +161,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -168,6 +220,8 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
         dotted = prefix + str(key)
         if isinstance(value, dict) and dotted != "reward":
             flat.update(_flatten(value, dotted + "."))
+        elif dotted == "method" and isinstance(value, str):
+            flat["method.name"] = value
         else:
             flat[dotted] = value
     return flat
@@ -253,7 +307,10 @@ def resolve_path(name_or_path: str) -> Path:
 
 
 def load(name_or_path: str | None = "embedded", overrides: list[str] | None = None) -> Config:
-    config = Config()
+    """Defaults, then the chosen method's defaults, then the file, then the command line."""
+    from egrpo.methods import METHOD_DEFAULTS
+
+    file_values, source = {}, "defaults"
     if name_or_path:
         path = resolve_path(name_or_path)
         try:
@@ -262,8 +319,19 @@ def load(name_or_path: str | None = "embedded", overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
-        apply(config, _flatten(data), str(path))
-    apply(config, parse_overrides(overrides or []), "command line")
+        file_values, source = _flatten(data), str(path)
+    cli_values = parse_overrides(overrides or [])
+    cli_values = {("method.name" if k == "method" else k): v for k, v in cli_values.items()}
+    method = cli_values.get("method.name", file_values.get("method.name", MethodConfig.name))
+    if method not in METHOD_DEFAULTS:
+        raise ConfigError(
+            f"method {method!r} is not known; available: {', '.join(METHOD_DEFAULTS)}."
+            + _suggest(str(method), list(METHOD_DEFAULTS))
+        )
+    config = Config()
+    apply(config, METHOD_DEFAULTS[method], f"method {method} defaults")
+    apply(config, file_values, source)
+    apply(config, cli_values, "command line")
     validate(config)
     return config
 
@@ -287,10 +355,21 @@ def validate(config: Config) -> None:
         (t.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
         (t.kl_coef >= 0, "train.kl_coef must be >= 0"),
         (t.max_batch >= 1, "train.max_batch must be >= 1"),
+        (t.update_batch >= 1, "train.update_batch must be >= 1"),
         (config.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
         (config.eval.seeds_per_prompt >= 1, "eval.seeds_per_prompt must be >= 1"),
         (config.eval.every >= 0, "eval.every must be >= 0"),
         (bool(config.reward), "reward must name at least one reward, e.g. {alignment: 1.0}"),
+        (all(isinstance(g, int) and g >= 1 for g in config.method.granularities) and config.method.granularities,
+         f"method.granularities must be a list of integers >= 1, got {config.method.granularities}"),
+        (config.method.window >= 1, "method.window must be >= 1"),
+        (config.method.window_shift_every >= 0, "method.window_shift_every must be >= 0"),
+        (0 < config.method.train_fraction <= 1, "method.train_fraction must be in (0, 1]"),
+        (config.method.branch_factor >= 2, "method.branch_factor must be >= 2"),
+        (config.method.branch_noise_scale > 0, "method.branch_noise_scale must be > 0"),
+        (config.method.split_steps is None
+         or all(isinstance(i, int) and 0 <= i < s.num_steps for i in config.method.split_steps),
+         f"method.split_steps must lie on the grid 0..{s.num_steps - 1}, got {config.method.split_steps}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -5,14 +5,39 @@ from __future__ import annotations
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, clip: float, eps: float = 1e-8) -> torch.Tensor:
-    """Z-score within each group along the last dimension, ``(R - mean) / (std + eps)``, clipped to [-clip, clip].
+def grouped_zscore(values: torch.Tensor, groups: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Z-score of each column of ``values`` (M, L) within the rows that share a label in ``groups`` (M,)."""
+    _, inverse = torch.unique(groups, return_inverse=True)
+    n = int(inverse.max()) + 1
+    count = torch.zeros(n, 1, dtype=values.dtype).index_add_(0, inverse, torch.ones_like(values[:, :1]))
+    mean = torch.zeros(n, values.shape[1], dtype=values.dtype).index_add_(0, inverse, values) / count
+    centred = values - mean[inverse]
+    var = torch.zeros_like(mean).index_add_(0, inverse, centred**2) / count
+    return centred / (var.sqrt()[inverse] + eps)
 
-    ``rewards`` is (..., G): e.g. (P, K, G), one group per (prompt, merged step).
+
+def grouped_std(values: torch.Tensor, groups: torch.Tensor) -> float:
+    """Mean over groups of the within-group (population) std of ``values`` (M,): how much signal a group holds."""
+    _, inverse = torch.unique(groups, return_inverse=True)
+    stds = [values[inverse == k].std(unbiased=False) for k in range(int(inverse.max()) + 1)]
+    return torch.stack(stds).mean().item()
+
+
+def transition_advantages(
+    final_rewards: torch.Tensor, leaves: torch.Tensor, groups: torch.Tensor, reduce: str, clip: float
+) -> torch.Tensor:
+    """Advantage of each transition from the rewards of the final images below it.
+
+    reduce='mean': the transition's reward is the mean over its leaves (one leaf for E-GRPO, a subtree
+    for BranchGRPO), z-scored within its group. reduce='sum_z': one z-score per leaf column (G2RPO's
+    ODE granularities), summed. Clipped to [-clip, clip].
     """
-    mean = rewards.mean(dim=-1, keepdim=True)
-    std = rewards.std(dim=-1, keepdim=True, unbiased=False)
-    return ((rewards - mean) / (std + eps)).clamp(-clip, clip)
+    rewards = final_rewards[leaves]
+    if reduce == "mean":
+        rewards = rewards.mean(dim=1, keepdim=True)
+    elif reduce != "sum_z":
+        raise ValueError(f"unknown advantage reduction {reduce!r}")
+    return grouped_zscore(rewards, groups).sum(dim=1).clamp(-clip, clip)
 
 
 def ppo_clip_loss(

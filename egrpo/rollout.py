@@ -1,10 +1,15 @@
-"""The rollout engine: executes a :class:`~egrpo.planner.RolloutPlan` for a batch of prompts.
+"""The rollout engines: they turn prompts into trained transitions and final latents to score.
 
-Per prompt (method.md section 4): ONE initial noise; the deterministic ODE anchor over all T steps;
-then, for every active step i, G samples leave the anchor latent x_i with one merged SDE jump
-i -> i + l_i (independent noise) and finish by ODE. All samples of all prompts and all branches run
-in lock-step through one batched network call per grid step, chunked to ``max_batch``; each sample
-carries its own grid position, so branches that land at different steps share the same calls.
+``rollout_branches`` is E-GRPO (method.md section 4): per prompt ONE initial noise; the
+deterministic ODE anchor over all T steps; then, for every active step i, G samples leave the anchor
+latent x_i with one merged SDE jump i -> i + l_i (independent noise) and finish by ODE. All samples
+of all prompts and all branches run in lock-step through one batched network call per grid step,
+chunked to ``max_batch``; each sample carries its own grid position, so branches that land at
+different steps share the same calls.
+
+``rollout_trajectories`` (whole SDE/ODE trajectories per sample) and ``rollout_tree`` (BranchGRPO's
+binary tree) serve the baselines. All three return the same :class:`Rollout`, so one update rule
+trains them all.
 """
 
 from __future__ import annotations
@@ -22,19 +27,36 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
 
 @dataclass
-class RolloutBatch:
-    """What the trainer needs from one rollout: P prompts, K branches, G samples per branch."""
+class TrainStep:
+    """The transitions of one trained denoising step: one optimizer step's worth of data.
 
-    anchor: torch.Tensor  # (P, T + 1, *latent) the ODE anchor trajectory, anchor[:, 0] = shared noise
-    branch_inputs: torch.Tensor  # (P, K, *latent) anchor latent x_i each group leaves from
-    samples: torch.Tensor  # (P, K, G, *latent) x' after the merged jump
-    log_probs: torch.Tensor  # (P, K, G) log p_old(x' | x_i), fp32, averaged over dimensions
-    final: torch.Tensor  # (P, K, G, *latent) branch latents after the ODE completion
+    The policy is evaluated once per distinct input (``inputs``); transition m leaves input
+    ``source[m]`` and lands on ``samples[m]``. Its reward comes from the final images ``leaves[m]``
+    and its advantage is normalised within ``groups[m]``.
+    """
+
+    step: int
+    landing: int
+    inputs: torch.Tensor  # (N, *latent)
+    cond_rows: torch.Tensor  # (N,) prompt row of each input
+    source: torch.Tensor  # (M,) input row of each transition, sorted
+    samples: torch.Tensor  # (M, *latent)
+    log_probs: torch.Tensor  # (M,) log p_old, fp32, averaged over dimensions
+    leaves: torch.Tensor  # (M, L) indices into Rollout.finals
+    groups: torch.Tensor  # (M,)
+    weight: float = 1.0
+
+
+@dataclass
+class Rollout:
+    train_steps: list[TrainStep]
+    finals: torch.Tensor  # (F, *latent) every final latent that gets a reward
+    final_rows: torch.Tensor  # (F,) prompt row of each final latent
     network_calls: int  # latents pushed through the network (each sample-step counts one)
-
-    @property
-    def anchor_final(self) -> torch.Tensor:
-        return self.anchor[:, -1]
+    reduce: str = "mean"
+    """How a transition's leaves become its advantage: 'mean' (one reward, the mean of its leaves, then a
+    group z-score) or 'sum_z' (a group z-score per leaf column, summed: G2RPO's multi-granularity)."""
+    anchor_finals: torch.Tensor | None = None  # (P, *latent) the pure-ODE anchor images, when the method has one
 
 
 def chunked_velocity(policy: Policy, max_batch: int) -> VelocityFn:
@@ -59,10 +81,13 @@ def integrate_ode(
     cond: Cond,
     sigmas: torch.Tensor,
     start: torch.Tensor | None = None,
+    stride: torch.Tensor | int = 1,
 ) -> tuple[torch.Tensor, int]:
-    """Euler ODE from grid position ``start`` (per sample, default 0) to sigma = 0; returns (x_0, network calls)."""
+    """Euler ODE from grid position ``start`` (per sample, default 0) to sigma = 0, ``stride`` grid steps
+    per network call (per sample; the last step is clamped to the grid's end). Returns (x_0, network calls)."""
     num_steps = len(sigmas) - 1
     position = torch.zeros(x.shape[0], dtype=torch.long) if start is None else start.clone()
+    stride = torch.as_tensor(stride).expand(x.shape[0])
     x = x.clone()
     calls = 0
     sig = sigmas.to(torch.float32)
@@ -71,9 +96,10 @@ def integrate_ode(
         if moving.numel() == 0:
             return x, calls
         pos = position[moving]
+        nxt = torch.clamp(pos + stride[moving], max=num_steps)
         v = velocity(x[moving], sig[pos], select(cond, moving))
-        x[moving] = ode_step(x[moving], v, sigmas[pos], sigmas[pos + 1])
-        position[moving] += 1
+        x[moving] = ode_step(x[moving], v, sigmas[pos], sigmas[nxt])
+        position[moving] = nxt
         calls += moving.numel()
 
 
@@ -92,8 +118,13 @@ def anchor_trajectory(
     return torch.stack(xs, 1), torch.stack(vs, 1)
 
 
+def _expand(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Repeat each row n times, consecutively: (N, ...) -> (N * n, ...), as views of the same row."""
+    return t[:, None].expand(t.shape[0], n, *t.shape[1:]).reshape(t.shape[0] * n, *t.shape[1:])
+
+
 @torch.no_grad()
-def rollout(
+def rollout_branches(
     policy: Policy,
     plan: RolloutPlan,
     cond: Cond,
@@ -101,37 +132,168 @@ def rollout(
     generator: torch.Generator,
     noise_kind: NoiseKind = "flow",
     max_batch: int = 1024,
-) -> RolloutBatch:
+    granularities: tuple[int, ...] = (1,),
+    step_weights: dict[int, float] | None = None,
+) -> Rollout:
+    """E-GRPO (and G2RPO, TempFlow-GRPO): shared noise, ODE anchor, G merged SDE jumps per active step.
+
+    Each jump sample finishes by ODE once per granularity g (g grid steps per call; G2RPO uses {1, 2}).
+    """
     velocity = chunked_velocity(policy, max_batch)
     sigmas = plan.sigmas
-    num_prompts = next(iter(cond.values())).shape[0]
+    p = next(iter(cond.values())).shape[0]
     shape = tuple(policy.latent_shape)
-    noise = torch.randn((num_prompts, *shape), generator=generator).to(policy.device)
+    noise = torch.randn((p, *shape), generator=generator).to(policy.device)
     anchor, anchor_v = anchor_trajectory(velocity, noise, cond, sigmas)
 
     steps = torch.tensor(plan.active_steps)
     landings = torch.tensor([b.landing for b in plan.branches])
-    k, g = len(steps), group_size
-    # Each group's samples are views of ONE anchor latent and ONE velocity: the input is shared bit for bit.
-    x_in = anchor[:, steps]
-    x = x_in[:, :, None].expand(num_prompts, k, g, *shape).reshape(-1, *shape)
-    v = anchor_v[:, steps][:, :, None].expand(num_prompts, k, g, *shape).reshape(-1, *shape)
-    step_of = steps[None, :, None].expand(num_prompts, k, g).reshape(-1)
-    land_of = landings[None, :, None].expand(num_prompts, k, g).reshape(-1)
+    k, g, n_gran = len(steps), group_size, len(granularities)
+    # Order (p, k, g): each group's G samples are views of ONE anchor latent and ONE velocity, so the
+    # input is shared bit for bit.
+    x_in = anchor[:, steps].reshape(p * k, *shape)
+    x = _expand(x_in, g)
+    v = _expand(anchor_v[:, steps].reshape(p * k, *shape), g)
+    step_of = _expand(steps.repeat(p), g)
+    land_of = _expand(landings.repeat(p), g)
     eps = torch.randn(x.shape, generator=generator).to(policy.device)
     jump = sde_step(x, v, sigmas[step_of], sigmas[land_of], plan.eta, float(sigmas[1]), eps, noise_kind)
     log_probs = gaussian_log_prob(jump.sample, jump.mean, jump.std)
 
-    prompt_of = torch.arange(num_prompts)[:, None, None].expand(num_prompts, k, g).reshape(-1)
-    final, calls = integrate_ode(velocity, jump.sample.to(noise.dtype), select(cond, prompt_of), sigmas, land_of)
-    return RolloutBatch(
-        anchor=anchor,
-        branch_inputs=x_in,
-        samples=jump.sample.reshape(num_prompts, k, g, *shape),
-        log_probs=log_probs.reshape(num_prompts, k, g),
-        final=final.reshape(num_prompts, k, g, *shape),
-        network_calls=calls + num_prompts * plan.num_steps,
+    # Completions in order (p, k, g, granularity).
+    prompt_of = torch.arange(p).repeat_interleave(k * g * n_gran)
+    stride = torch.tensor(granularities).repeat(p * k * g)
+    final, calls = integrate_ode(
+        velocity, _expand(jump.sample.to(noise.dtype), n_gran), select(cond, prompt_of), sigmas,
+        _expand(land_of, n_gran), stride,
     )
+
+    train_steps = []
+    transitions = torch.arange(p * k * g).reshape(p, k, g)
+    for j, branch in enumerate(plan.branches):
+        rows = transitions[:, j].reshape(-1)  # (p, g) of this step, in order
+        train_steps.append(
+            TrainStep(
+                step=branch.step,
+                landing=branch.landing,
+                inputs=anchor[:, branch.step],
+                cond_rows=torch.arange(p),
+                source=torch.arange(p).repeat_interleave(g),
+                samples=jump.sample[rows],
+                log_probs=log_probs[rows],
+                leaves=rows[:, None] * n_gran + torch.arange(n_gran)[None],
+                groups=torch.arange(p).repeat_interleave(g),
+                weight=(step_weights or {}).get(branch.step, 1.0),
+            )
+        )
+    return Rollout(
+        train_steps=train_steps,
+        finals=final,
+        final_rows=prompt_of,
+        network_calls=calls + p * plan.num_steps,
+        reduce="sum_z" if n_gran > 1 else "mean",
+        anchor_finals=anchor[:, -1],
+    )
+
+
+@torch.no_grad()
+def rollout_trajectories(
+    policy: Policy,
+    sigmas: torch.Tensor,
+    cond: Cond,
+    group_size: int,
+    generator: torch.Generator,
+    sde_steps: list[int],
+    train_steps: list[int],
+    eta: float,
+    noise_kind: NoiseKind = "flow",
+    shared_noise: bool = False,
+    max_batch: int = 1024,
+    step_weights: dict[int, float] | None = None,
+) -> Rollout:
+    """Flow-GRPO, DanceGRPO, MixGRPO: G whole trajectories per prompt, SDE at ``sde_steps`` and ODE
+    elsewhere; transitions at ``train_steps`` are trained; one group per prompt."""
+    velocity = chunked_velocity(policy, max_batch)
+    p, g = next(iter(cond.values())).shape[0], group_size
+    shape = tuple(policy.latent_shape)
+    if shared_noise:
+        x = _expand(torch.randn((p, *shape), generator=generator), g)
+    else:
+        x = torch.randn((p * g, *shape), generator=generator)
+    x = x.to(policy.device)
+    rows = torch.arange(p).repeat_interleave(g)
+    cond_all = select(cond, rows)
+    sde, trained = set(sde_steps), set(train_steps)
+    records = []
+    for i in range(len(sigmas) - 1):
+        s_from, s_to = sigmas[i].expand(p * g), sigmas[i + 1].expand(p * g)
+        v = velocity(x, s_from.float(), cond_all)
+        if i in sde:
+            eps = torch.randn(x.shape, generator=generator).to(policy.device)
+            jump = sde_step(x, v, s_from, s_to, eta, float(sigmas[1]), eps, noise_kind)
+            if i in trained:
+                log_probs = gaussian_log_prob(jump.sample, jump.mean, jump.std)
+                records.append((i, x, jump.sample, log_probs))
+            x = jump.sample.to(x.dtype)
+        else:
+            x = ode_step(x, v, s_from, s_to)
+    every = torch.arange(p * g)
+    train = [
+        TrainStep(step=i, landing=i + 1, inputs=x_in, cond_rows=rows, source=every, samples=sample,
+                  log_probs=lp, leaves=every[:, None], groups=rows, weight=(step_weights or {}).get(i, 1.0))
+        for i, x_in, sample, lp in records
+    ]
+    return Rollout(train_steps=train, finals=x, final_rows=rows, network_calls=p * g * (len(sigmas) - 1))
+
+
+@torch.no_grad()
+def rollout_tree(
+    policy: Policy,
+    sigmas: torch.Tensor,
+    cond: Cond,
+    generator: torch.Generator,
+    split_steps: list[int],
+    branch_factor: int,
+    eta: float,
+    noise_kind: NoiseKind = "dance",
+    max_batch: int = 1024,
+) -> Rollout:
+    """BranchGRPO: one shared noise per prompt; at each split step every node branches into
+    ``branch_factor`` children with one SDE step, ODE elsewhere. A child's reward is the mean of its
+    leaves; children are normalised among all nodes of the same depth of the prompt's tree."""
+    velocity = chunked_velocity(policy, max_batch)
+    p = next(iter(cond.values())).shape[0]
+    shape = tuple(policy.latent_shape)
+    x = torch.randn((p, *shape), generator=generator).to(policy.device)
+    rows = torch.arange(p)
+    depth = len(split_steps)
+    records, calls = [], 0
+    for i in range(len(sigmas) - 1):
+        n = x.shape[0]
+        s_from, s_to = sigmas[i].expand(n), sigmas[i + 1].expand(n)
+        v = velocity(x, s_from.float(), select(cond, rows))
+        calls += n
+        if i in split_steps:
+            x_rep, v_rep = _expand(x, branch_factor), _expand(v, branch_factor)
+            eps = torch.randn(x_rep.shape, generator=generator).to(policy.device)
+            m = n * branch_factor
+            jump = sde_step(x_rep, v_rep, s_from[:1].expand(m), s_to[:1].expand(m), eta, float(sigmas[1]), eps, noise_kind)
+            d = len(records) + 1  # depth of the children
+            span = branch_factor ** (depth - d)  # leaves under each child
+            children = torch.arange(m)
+            records.append(
+                TrainStep(
+                    step=i, landing=i + 1, inputs=x, cond_rows=rows,
+                    source=torch.arange(n).repeat_interleave(branch_factor), samples=jump.sample,
+                    log_probs=gaussian_log_prob(jump.sample, jump.mean, jump.std),
+                    leaves=children[:, None] * span + torch.arange(span)[None],
+                    groups=children // (m // p),
+                )
+            )
+            x, rows = jump.sample.to(x.dtype), rows.repeat_interleave(branch_factor)
+        else:
+            x = ode_step(x, v, s_from, s_to)
+    return Rollout(train_steps=records, finals=x, final_rows=rows, network_calls=calls)
 
 
 @torch.no_grad()

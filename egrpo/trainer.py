@@ -23,12 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from egrpo import checkpoint as ckpt
-from egrpo.config import Config, ConfigError, plan_kwargs, reward_specs
-from egrpo.grpo import group_advantages, kl_to_reference, ppo_clip_loss
-from egrpo.planner import RolloutPlan, make_plan
+from egrpo.config import Config, ConfigError, reward_specs
+from egrpo.grpo import grouped_std, kl_to_reference, ppo_clip_loss, transition_advantages
+from egrpo.methods import build_method
+from egrpo.planner import RolloutPlan
 from egrpo.policy import Cond, select
 from egrpo.rewards import WeightedReward
-from egrpo.rollout import RolloutBatch, rollout, sample_images
+from egrpo.rollout import Rollout, sample_images
 from egrpo.stepmath import gaussian_log_prob, sde_distribution
 from egrpo.tasks import Task, build_task
 
@@ -65,7 +66,8 @@ class Trainer:
         self.progress = progress
         self.task = build_task(config)
         self.policy = self.task.policy
-        self.plan: RolloutPlan = make_plan(**plan_kwargs(config))
+        self.method = build_method(config)
+        self.plan: RolloutPlan = self.method.plan
         self.reward = WeightedReward(reward_specs(config))
         self.run_dir = Path(run_dir) if run_dir else default_run_dir(config)
         if config.train.kl_coef > 0:
@@ -113,23 +115,26 @@ class Trainer:
 
         t0 = time.perf_counter()
         self.model.eval()
-        batch = rollout(self.policy, self.plan, cond, cfg.group_size, gen, self.config.sampling.noise, cfg.max_batch)
+        ro = self.method.rollout(self.policy, cond, it, gen)
         t1 = time.perf_counter()
-        rewards, anchor_rewards, parts = self._score(batch, prompts)
+        rewards, anchor_rewards, parts = self._score(ro, prompts)
         t2 = time.perf_counter()
-        advantages = group_advantages(rewards, cfg.adv_clip)
-        update = self._update(batch, cond, advantages)
+        advantages = [
+            transition_advantages(rewards, ts.leaves, ts.groups, ro.reduce, cfg.adv_clip) for ts in ro.train_steps
+        ]
+        update = self._update(ro, cond, advantages)
         t3 = time.perf_counter()
 
+        group_std = [grouped_std(rewards[ts.leaves].mean(1), ts.groups) for ts in ro.train_steps]
         metrics = {
             "iteration": it + 1,
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item(),
-            "group_reward_std": rewards.std(dim=-1).mean().item(),
-            "anchor_reward": anchor_rewards.mean().item(),
+            "group_reward_std": sum(group_std) / max(1, len(group_std)),
+            **({"anchor_reward": anchor_rewards.mean().item()} if anchor_rewards is not None else {}),
             **{f"reward_{k}": v.mean().item() for k, v in parts.items()},
             **update,
-            "network_calls": batch.network_calls + cfg.prompts_per_iteration * len(self.plan.branches),
+            "network_calls": ro.network_calls + sum(ts.inputs.shape[0] for ts in ro.train_steps),
             "seconds_rollout": t1 - t0,
             "seconds_reward": t2 - t1,
             "seconds_update": t3 - t2,
@@ -137,50 +142,59 @@ class Trainer:
         }
         return metrics
 
-    def _score(self, batch: RolloutBatch, prompts: list[str]):
-        """One reward call for every branch sample and the anchors; rewards (P, K, G) and anchors (P,)."""
-        p, k, g = batch.final.shape[:3]
-        latents = torch.cat([batch.final.reshape(p * k * g, *batch.final.shape[3:]), batch.anchor_final])
-        names = [prompts[i // (k * g)] for i in range(p * k * g)] + prompts
+    def _score(self, ro: Rollout, prompts: list[str]):
+        """One reward call for every final latent (and the anchors); rewards (F,), anchors (P,) or None."""
+        latents, names = ro.finals, [prompts[int(r)] for r in ro.final_rows]
+        if ro.anchor_finals is not None:
+            latents, names = torch.cat([latents, ro.anchor_finals]), names + prompts
         total, parts = self.reward.score(self.policy.decode(latents), names)
-        n = p * k * g
-        return total[:n].reshape(p, k, g), total[n:], {name: v[:n] for name, v in parts.items()}
+        n = ro.finals.shape[0]
+        anchors = total[n:] if ro.anchor_finals is not None else None
+        return total[:n], anchors, {name: v[:n] for name, v in parts.items()}
 
-    def _update(self, batch: RolloutBatch, cond: Cond, advantages: torch.Tensor) -> dict:
+    def _update(self, ro: Rollout, cond: Cond, advantages: list[torch.Tensor]) -> dict:
+        """One optimizer step per trained step. The policy runs once per distinct input (the G members of
+        an E-GRPO group share theirs); inputs are chunked to ``update_batch`` with gradients accumulated."""
         cfg, sampling = self.config.train, self.config.sampling
-        sigmas = self.plan.sigmas
-        p, k, g = batch.log_probs.shape
+        sigmas = self.method.sigmas
+        eta = sampling.eta * (self.config.method.branch_noise_scale if self.method.name == "branchgrpo" else 1.0)
         self.model.train()
         stats: dict[str, list[float]] = {}
-        for j, branch in enumerate(self.plan.branches):
-            sigma_from = sigmas[branch.step].expand(p)
-            sigma_to = sigmas[branch.landing].expand(p)
-            x_in = batch.branch_inputs[:, j]
-            # The G samples of a group share x_i: one forward per prompt serves all G log-probs.
-            v = self.policy.velocity(x_in, sigma_from.float(), cond)
-            mean, std = sde_distribution(x_in, v, sigma_from, sigma_to, sampling.eta, float(sigmas[1]), sampling.noise)
-            samples = batch.samples[:, j]
-            mean_g = mean[:, None].expand(p, g, *mean.shape[1:])
-            log_probs = gaussian_log_prob(
-                samples.reshape(p * g, *samples.shape[2:]),
-                mean_g.reshape(p * g, *mean.shape[1:]),
-                std[:, None].expand(p, g).reshape(-1),
-            ).reshape(p, g)
-            loss, step_stats = ppo_clip_loss(log_probs, batch.log_probs[:, j], advantages[:, j], cfg.clip_range)
-            if cfg.kl_coef > 0:
-                with torch.no_grad():
-                    v_ref = self.policy.velocity(x_in, sigma_from.float(), cond, reference=True)
-                    ref_mean, _ = sde_distribution(
-                        x_in, v_ref, sigma_from, sigma_to, sampling.eta, float(sigmas[1]), sampling.noise
-                    )
-                kl = kl_to_reference(mean, ref_mean, std)
-                loss = loss + cfg.kl_coef * kl
-                step_stats["kl"] = kl.item()
+        for j, ts in enumerate(ro.train_steps):
+            n, m = ts.inputs.shape[0], ts.source.shape[0]
+            step_stats: dict[str, float] = {}
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for a in range(0, n, cfg.update_batch):
+                b = min(a + cfg.update_batch, n)
+                lo, hi = (int(i) for i in torch.searchsorted(ts.source, torch.tensor([a, b])))
+                sigma_from = sigmas[ts.step].expand(b - a)
+                sigma_to = sigmas[ts.landing].expand(b - a)
+                x_in, chunk_cond = ts.inputs[a:b], select(cond, ts.cond_rows[a:b])
+                v = self.policy.velocity(x_in, sigma_from.float(), chunk_cond)
+                mean, std = sde_distribution(x_in, v, sigma_from, sigma_to, eta, float(sigmas[1]), sampling.noise)
+                src = ts.source[lo:hi] - a
+                log_probs = gaussian_log_prob(ts.samples[lo:hi], mean[src], std[src])
+                loss, chunk_stats = ppo_clip_loss(log_probs, ts.log_probs[lo:hi], advantages[j][lo:hi], cfg.clip_range)
+                loss = loss * ts.weight * (hi - lo) / m
+                if cfg.kl_coef > 0:
+                    with torch.no_grad():
+                        v_ref = self.policy.velocity(x_in, sigma_from.float(), chunk_cond, reference=True)
+                        ref_mean, _ = sde_distribution(
+                            x_in, v_ref, sigma_from, sigma_to, eta, float(sigmas[1]), sampling.noise
+                        )
+                    kl = kl_to_reference(mean, ref_mean, std)
+                    loss = loss + cfg.kl_coef * kl * (b - a) / n
+                    chunk_stats["kl"] = kl.item()
+                loss.backward()
+                chunk_stats["loss"] = loss.item() * m / (hi - lo)
+                for name, value in chunk_stats.items():
+                    reduce = max if name == "ratio_max_dev" else None
+                    step_stats[name] = (
+                        reduce(step_stats.get(name, value), value) if reduce
+                        else step_stats.get(name, 0.0) + value * (hi - lo) / m
+                    )
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             self.optimizer.step()
-            step_stats["loss"] = loss.item()
             step_stats["grad_norm"] = grad_norm.item()
             if j == 0:
                 step_stats["first_ratio_max_dev"] = step_stats["ratio_max_dev"]

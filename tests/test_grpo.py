@@ -1,23 +1,41 @@
 import pytest
 import torch
 
-from egrpo.grpo import group_advantages, kl_to_reference, ppo_clip_loss
+from egrpo.grpo import grouped_zscore, kl_to_reference, ppo_clip_loss, transition_advantages
 
 
 def test_group_z_scores_are_computed_within_each_group():
-    rewards = torch.tensor([[[1.0, 2.0, 3.0, 4.0], [10.0, 10.0, 10.0, 14.0]]])
-    adv = group_advantages(rewards, clip=5.0)
-    first = (torch.tensor([1.0, 2.0, 3.0, 4.0]) - 2.5) / torch.tensor([1.0, 2.0, 3.0, 4.0]).std(unbiased=False)
-    assert torch.allclose(adv[0, 0], first, atol=1e-6)
-    assert torch.allclose(adv.mean(-1), torch.zeros(1, 2), atol=1e-6)
-    assert adv[0, 1, 3] == pytest.approx(3 ** 0.5, abs=1e-5)
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 14.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    adv = transition_advantages(rewards, torch.arange(8)[:, None], groups, "mean", clip=5.0)
+    first = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert torch.allclose(adv[:4], (first - 2.5) / first.std(unbiased=False), atol=1e-6)
+    assert adv[7] == pytest.approx(3**0.5, abs=1e-5)
+    assert torch.allclose(adv.reshape(2, 4).mean(-1), torch.zeros(2), atol=1e-6)
+
+
+def test_groups_need_not_be_contiguous():
+    values = torch.tensor([[1.0], [5.0], [3.0], [7.0]])
+    z = grouped_zscore(values, torch.tensor([3, 8, 3, 8]))
+    assert torch.allclose(z.squeeze(1), torch.tensor([-1.0, -1.0, 1.0, 1.0]), atol=1e-6)
 
 
 def test_advantages_are_clipped_and_constant_groups_give_zero():
-    rewards = torch.tensor([[0.0] * 99 + [1.0], [0.5] * 100])
-    adv = group_advantages(rewards, clip=5.0)
+    rewards = torch.cat([torch.tensor([0.0] * 99 + [1.0]), torch.full((100,), 0.5)])
+    groups = torch.arange(200) // 100
+    adv = transition_advantages(rewards, torch.arange(200)[:, None], groups, "mean", clip=5.0)
     assert adv.max().item() == 5.0
-    assert torch.all(adv[1] == 0)
+    assert torch.all(adv[100:] == 0)
+
+
+def test_subtree_rewards_are_leaf_means_and_granularities_sum_their_z_scores():
+    finals = torch.tensor([1.0, 3.0, 2.0, 6.0])
+    # Two nodes, each over two leaves: rewards 2 and 4 -> z = -1, +1.
+    tree = transition_advantages(finals, torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 0]), "mean", clip=5.0)
+    assert torch.allclose(tree, torch.tensor([-1.0, 1.0]))
+    # Same leaves read as two granularity columns: z of (1, 2) plus z of (3, 6) -> -2, +2.
+    g2 = transition_advantages(finals, torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 0]), "sum_z", clip=5.0)
+    assert torch.allclose(g2, torch.tensor([-2.0, 2.0]))
 
 
 def test_ppo_loss_at_ratio_one_is_minus_mean_advantage_and_clips_outside():

@@ -1,0 +1,112 @@
+"""Each baseline is a configuration of the one engine: its plan, groups and network calls, and one real iteration."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from egrpo import config as cfg
+from egrpo.methods import METHODS, build_method
+from egrpo.trainer import Trainer
+
+TINY = ["train.prompts_per_iteration=2", "train.group_size=3", "eval.seeds_per_prompt=1"]
+
+
+def _method(name, *overrides):
+    return build_method(cfg.load("embedded", [f"method={name}", *overrides]))
+
+
+def test_egrpo_plan():
+    d = _method("egrpo").describe()
+    assert d["trained_steps"] == list(range(8)) and d["merge_lengths"] == [1, 1, 2, 2, 2, 3, 3, 3]
+    assert d["group"] == "prompt x step"
+    # 16 anchor calls, completions (15+14+12+11+10+8+7+6) x G=8, 8 update calls.
+    assert d["network_calls"] == 16 + 83 * 8 + 8
+
+
+def test_g2rpo_plan_single_steps_and_two_granularities():
+    m = _method("g2rpo")
+    d = m.describe()
+    assert d["merge_lengths"] == [1] * 8 and m.config.method.granularities == [1, 2]
+    fine = sum(16 - (i + 1) for i in range(8))
+    coarse = sum(-(-(16 - (i + 1)) // 2) for i in range(8))
+    assert d["network_calls"] == 16 + (fine + coarse) * 8 + 8
+
+
+def test_tempflow_branches_at_every_step_with_noise_level_weights():
+    m = _method("tempflow")
+    assert m.describe()["trained_steps"] == list(range(16))
+    weights = m.step_weights()
+    assert sum(weights.values()) / 16 == pytest.approx(1.0)
+    assert weights[0] > weights[8] > weights[15]
+
+
+def test_flowgrpo_trains_every_step_of_whole_trajectories():
+    d = _method("flowgrpo").describe()
+    assert d["sde_steps"] == d["trained_steps"] == list(range(16)) and d["group"] == "prompt"
+    assert d["network_calls"] == 8 * 16 * 2
+
+
+def test_flowgrpo_fast_window_lies_in_the_first_half():
+    m = _method("flowgrpo-fast")
+    for it in range(20):
+        sde, trained = m.trajectory_steps(it, torch.Generator().manual_seed(it))
+        assert sde == trained and len(sde) == 2 and sde[-1] < 8
+
+
+def test_dancegrpo_all_sde_with_a_random_60_percent_trained():
+    m = _method("dancegrpo")
+    assert m.config.sampling.noise == "dance" and m.config.sampling.eta == 0.3
+    sde, trained = m.trajectory_steps(0, torch.Generator().manual_seed(0))
+    assert sde == list(range(16)) and len(trained) == 10 and set(trained) <= set(sde)
+    other = m.trajectory_steps(0, torch.Generator().manual_seed(1))[1]
+    assert other != trained
+
+
+def test_user_values_beat_method_defaults():
+    assert _method("dancegrpo", "sampling.eta=0.5").config.sampling.eta == 0.5
+
+
+def test_mixgrpo_window_slides_and_wraps():
+    m = _method("mixgrpo", "train.iterations=16", "method.window_shift_every=2")
+    starts = [m.trajectory_steps(it, torch.Generator())[0][0] for it in range(0, 18, 2)]
+    assert starts == [0, 1, 2, 3, 4, 5, 6, 7, 0]
+    assert len(m.trajectory_steps(0, torch.Generator())[0]) == 4
+
+
+def test_branchgrpo_tree():
+    m = _method("branchgrpo")
+    d = m.describe()
+    assert d["sde_steps"] == [0, 2, 5, 7]  # the authors' 0, 3, 6, 9 of 20 on 16 steps
+    assert d["leaves"] == 16 and d["group"] == "prompt x depth"
+    # nodes per step: 2 at steps 1-2, 4 at 3-5, 8 at 6-7, 16 at 8-15 (1 at step 0) + updates 1+2+4+8
+    assert d["network_calls"] == 1 + 2 * 2 + 4 * 3 + 8 * 2 + 16 * 8 + 15
+
+
+def test_unknown_method_suggests():
+    with pytest.raises(cfg.ConfigError, match="'dancegrpo'"):
+        cfg.load("embedded", ["method=dancegrp"])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_one_real_iteration_of_each_method(name, tmp_path, eval_prompt_file):
+    config = cfg.load("embedded", [f"method={name}", *TINY, f"output_dir={tmp_path / name}",
+                                   f"prompts.eval={eval_prompt_file}", "train.update_batch=4"])
+    trainer = Trainer(config, progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    metrics = trainer.iteration(0)
+    # The sampling std and the log-prob's std agree (BranchGRPO's scaled noise included): ratio 1 at first.
+    assert metrics["first_ratio_max_dev"] == 0.0
+    # describe() counts one prompt; this iteration ran two (which steps DanceGRPO and Flow-GRPO-Fast draw
+    # varies, how many does not).
+    assert metrics["network_calls"] == 2 * trainer.method.describe(0)["network_calls"]
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_egrpo_without_merging_equals_single_granularity_g2rpo(tmp_path, eval_prompt_file):
+    common = [*TINY, "train.iterations=2", f"prompts.eval={eval_prompt_file}"]
+    runs = {}
+    for name, extra in (("egrpo", ["plan.tau=0"]), ("g2rpo", ["method.granularities=[1]"])):
+        config = cfg.load("embedded", [f"method={name}", *common, *extra, f"output_dir={tmp_path / name}"])
+        Trainer(config, progress=False).train()
+        runs[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    assert all(torch.equal(runs["egrpo"][k], runs["g2rpo"][k]) for k in runs["egrpo"])
