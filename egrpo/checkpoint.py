@@ -35,16 +35,16 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
-def save_weights(path: Path, module: torch.nn.Module, arch: dict) -> None:
-    """Trained weights with the architecture in the metadata, written atomically."""
+def save_weights(path: Path, tensors: dict[str, torch.Tensor], arch: dict) -> None:
+    """Trained weights (see :func:`trainable_state`) with the architecture in the metadata, written atomically."""
     tmp = path.with_name(path.name + ".tmp")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in trainable_state(module).items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, str(tmp), metadata={"arch": json.dumps(arch, sort_keys=True)})
     os.replace(tmp, path)
 
 
-def load_weights(path: Path, module: torch.nn.Module, arch: dict) -> None:
-    """Load weights saved by :func:`save_weights`, refusing those of another architecture."""
+def read_weights(path: Path, module: torch.nn.Module, arch: dict) -> dict[str, torch.Tensor]:
+    """Tensors saved by :func:`save_weights`, checked against ``module``: another architecture is refused."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
@@ -70,31 +70,38 @@ def load_weights(path: Path, module: torch.nn.Module, arch: dict) -> None:
             f"{path} does not fit this model's architecture: {len(missing)} missing tensors {missing[:3]}, "
             f"{len(unexpected)} unexpected {unexpected[:3]}, {len(shapes)} with other shapes {shapes[:3]}"
         )
+    return tensors
+
+
+def load_weights(path: Path, module: torch.nn.Module, arch: dict) -> None:
+    """Copy weights saved by :func:`save_weights` into ``module`` (one process, unsharded)."""
+    params = trainable_state(module)
     with torch.no_grad():
-        for name, value in tensors.items():
-            expected[name].copy_(value)
+        for name, value in read_weights(path, module, arch).items():
+            params[name].copy_(value)
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
+_SLOT = "/"  # parameter keys may be indices or dotted names; "/" separates them from the state slot
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {}
-    for index, slots in state["state"].items():
+    for key, slots in state["state"].items():
         for name, value in slots.items():
-            tensors[f"{index}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
+            tensors[f"{key}{_SLOT}{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
     return tensors, {"param_groups": state["param_groups"]}
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path, groups: dict) -> None:
-    tensors = load_file(str(path))
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: dict) -> dict:
+    state: dict = {}
+    for flat, value in tensors.items():
+        key, name = flat.rsplit(_SLOT, 1)
+        state.setdefault(int(key) if key.isdigit() else key, {})[name] = value
+    return {"state": state, "param_groups": groups["param_groups"]}
 
 
 def save_checkpoint(
-    run_dir: Path, iteration: int, module: torch.nn.Module, arch: dict, optimizer: torch.optim.Optimizer, state: dict
+    run_dir: Path, iteration: int, tensors: dict[str, torch.Tensor], arch: dict, optimizer_state: dict, state: dict
 ) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -102,8 +109,8 @@ def save_checkpoint(
     tmp = root / f".iter-{iteration:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_weights(tmp / "model.safetensors", module, arch)
-    opt_tensors, groups = _optimizer_tensors(optimizer)
+    save_weights(tmp / "model.safetensors", tensors, arch)
+    opt_tensors, groups = _flatten_optimizer(optimizer_state)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "optimizer": groups, **state}))
     shutil.rmtree(final, ignore_errors=True)
@@ -123,12 +130,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_checkpoint(
-    path: Path, module: torch.nn.Module, arch: dict, optimizer: torch.optim.Optimizer | None
-) -> dict:
-    """Restore model (and optimizer) from a checkpoint directory; returns its trainer state."""
+def load_checkpoint(path: Path, module: torch.nn.Module, arch: dict) -> tuple[dict, dict, dict]:
+    """(model tensors, optimizer state dict, trainer state) of a checkpoint directory, checked against ``module``."""
     state = json.loads((path / "state.json").read_text())
-    load_weights(path / "model.safetensors", module, arch)
-    if optimizer is not None:
-        _load_optimizer(optimizer, path / "optimizer.safetensors", state.pop("optimizer"))
-    return state
+    tensors = read_weights(path / "model.safetensors", module, arch)
+    optimizer = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer"))
+    return tensors, optimizer, state

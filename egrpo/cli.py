@@ -28,6 +28,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from egrpo import config as cfg
     from egrpo.trainer import Trainer
 
+    if args.method:
+        args.overrides = [f"method.name={args.method}", *args.overrides]
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
@@ -42,8 +44,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = trainer.train()
     except KeyboardInterrupt:
-        print(f"Stopped. Continue with: egrpo train --resume {trainer.run_dir}", file=sys.stderr)
+        if trainer.world.is_main:
+            print(f"Stopped. Continue with: egrpo train --resume {trainer.run_dir}", file=sys.stderr)
         return 130
+    finally:
+        trainer.world.shutdown()
+    if not trainer.world.is_main:
+        return 0
     base, final = summary["base"], summary["final"]
     print(f"run: {trainer.run_dir}")
     print(f"{'held-out':<16}{'base':>9}{'trained':>9}")
@@ -106,6 +113,29 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from egrpo import config as cfg
+    from egrpo.models.text_cache import KINDS, build_cache
+    from egrpo.tasks import read_prompt_file
+
+    if not args.config:
+        raise cfg.ConfigError("preprocess needs the training config, e.g. egrpo preprocess flux-dev-hps")
+    config = cfg.load(args.config, args.overrides)
+    if config.model.kind not in KINDS:
+        kinds = " or ".join(KINDS)
+        raise cfg.ConfigError(f"preprocess is for model.kind {kinds}; {args.config} has {config.model.kind!r}")
+    files = args.prompts or [f for f in (config.prompts.train, config.prompts.eval) if f]
+    if not files:
+        raise cfg.ConfigError("no prompt files: pass --prompts FILE or set prompts.train / prompts.eval in the config")
+    out = args.out or config.model.embedding_cache
+    if not out:
+        raise cfg.ConfigError("no output file: pass --out CACHE.safetensors or set model.embedding_cache in the config")
+    prompts = [p for f in files for p in read_prompt_file(f, f"--prompts {f}")]
+    path = build_cache(config.model, prompts, Path(out), progress=not args.no_progress)
+    print(f"wrote {path} ({len(set(prompts))} prompts from {', '.join(files)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="egrpo", description="E-GRPO for flow-matching text-to-image models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="config file or shipped config name (default: embedded)")
     train.add_argument("overrides", nargs="*", help=overrides_help)
     train.add_argument("--resume", metavar="RUN", help="continue the run in this directory from its last checkpoint")
+    train.add_argument("--method", help="egrpo (default), g2rpo, tempflow, flowgrpo, flowgrpo-fast, dancegrpo, mixgrpo, branchgrpo")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
@@ -132,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
     sample.add_argument("overrides", nargs="*", help=overrides_help)
     sample.set_defaults(func=cmd_sample)
+
+    prep = sub.add_parser("preprocess", help="encode prompt files once into the text-embedding cache (FLUX, SD3)")
+    prep.add_argument("config", nargs="?", help="the training config (its model.kind and model.pretrained)")
+    prep.add_argument("overrides", nargs="*", help=overrides_help)
+    prep.add_argument(
+        "--prompts", action="append", metavar="FILE",
+        help="prompt file, one prompt a line; repeat for several (default: prompts.train and prompts.eval)",
+    )
+    prep.add_argument("--out", metavar="CACHE", help="output .safetensors file (default: model.embedding_cache)")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prep.set_defaults(func=cmd_preprocess)
 
     pre = sub.add_parser("pretrain", help="rebuild the embedded base model and reward networks")
     pre.add_argument("--out", default="pretrained", help="output directory (default: ./pretrained)")

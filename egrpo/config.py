@@ -105,6 +105,8 @@ class TrainConfig:
     """Weight of the KL to the frozen base model (paper: 0, no KL)."""
     max_batch: int = 1024
     """Most latents per network call during rollouts and evaluation (a memory bound)."""
+    distributed: str = "ddp"
+    """Under torchrun: 'ddp' (a full copy per rank) or 'fsdp' (FSDP2 fully_shard, per transformer block)."""
     update_batch: int = 64
     """Most distinct inputs per forward-backward in the update; larger steps accumulate gradients over chunks."""
 
@@ -356,6 +358,7 @@ def validate(config: Config) -> None:
         (t.kl_coef >= 0, "train.kl_coef must be >= 0"),
         (t.max_batch >= 1, "train.max_batch must be >= 1"),
         (t.update_batch >= 1, "train.update_batch must be >= 1"),
+        (t.distributed in ("ddp", "fsdp"), f"train.distributed must be 'ddp' or 'fsdp', got {t.distributed!r}"),
         (config.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
         (config.eval.seeds_per_prompt >= 1, "eval.seeds_per_prompt must be >= 1"),
         (config.eval.every >= 0, "eval.every must be >= 0"),

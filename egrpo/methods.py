@@ -68,21 +68,24 @@ class MethodRun:
     def sigmas(self) -> torch.Tensor:
         return self.plan.sigmas
 
-    def rollout(self, policy: Policy, cond: Cond, iteration: int, generator: torch.Generator) -> Rollout:
+    def rollout(
+        self, policy: Policy, cond: Cond, iteration: int, generator: torch.Generator, prompt_generators: list
+    ) -> Rollout:
+        """``generator`` is shared by all ranks (step choices); ``prompt_generators`` feed each prompt's noise."""
         c, s, m = self.config.train, self.config.sampling, self.config.method
         if self.name in ("egrpo", "g2rpo", "tempflow"):
             return rollout_branches(
-                policy, self.plan, cond, c.group_size, generator, s.noise, c.max_batch,
+                policy, self.plan, cond, c.group_size, prompt_generators, s.noise, c.max_batch,
                 granularities=tuple(m.granularities), step_weights=self.step_weights(),
             )
         if self.name == "branchgrpo":
             return rollout_tree(
-                policy, self.sigmas, cond, generator, self.split_steps(), m.branch_factor,
+                policy, self.sigmas, cond, prompt_generators, self.split_steps(), m.branch_factor,
                 s.eta * m.branch_noise_scale, s.noise, c.max_batch,
             )
         sde, trained = self.trajectory_steps(iteration, generator)
         return rollout_trajectories(
-            policy, self.sigmas, cond, c.group_size, generator, sde, trained, s.eta, s.noise,
+            policy, self.sigmas, cond, c.group_size, prompt_generators, sde, trained, s.eta, s.noise,
             shared_noise=self.name in ("dancegrpo", "mixgrpo"), max_batch=c.max_batch,
         )
 

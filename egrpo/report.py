@@ -47,8 +47,9 @@ def plot_rewards(metrics_file: Path, path: Path) -> None:
         return
     its = [r["iteration"] for r in records]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(its, [r["reward_mean"] for r in records], label="branch samples (SDE jump + ODE)")
-    ax.plot(its, [r["anchor_reward"] for r in records], label="anchor (pure ODE)")
+    ax.plot(its, [r["reward_mean"] for r in records], label="rollout samples")
+    if "anchor_reward" in records[0]:
+        ax.plot(its, [r["anchor_reward"] for r in records], label="anchor (pure ODE)")
     evals = [(r["iteration"], r["eval"]["reward"]) for r in records if "eval" in r]
     if evals:
         ax.plot(*zip(*evals), "o-", label="held-out prompts")

@@ -118,6 +118,15 @@ def anchor_trajectory(
     return torch.stack(xs, 1), torch.stack(vs, 1)
 
 
+def per_prompt_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Standard normal draws of ``shape`` for each prompt from that prompt's own generator, concatenated.
+
+    Every random number a prompt's samples use comes from its generator, so a prompt's rollout is the
+    same whichever batch, rank or world size it runs in (data-parallel runs match a single process).
+    """
+    return torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
 def _expand(t: torch.Tensor, n: int) -> torch.Tensor:
     """Repeat each row n times, consecutively: (N, ...) -> (N * n, ...), as views of the same row."""
     return t[:, None].expand(t.shape[0], n, *t.shape[1:]).reshape(t.shape[0] * n, *t.shape[1:])
@@ -129,7 +138,7 @@ def rollout_branches(
     plan: RolloutPlan,
     cond: Cond,
     group_size: int,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
     noise_kind: NoiseKind = "flow",
     max_batch: int = 1024,
     granularities: tuple[int, ...] = (1,),
@@ -143,7 +152,7 @@ def rollout_branches(
     sigmas = plan.sigmas
     p = next(iter(cond.values())).shape[0]
     shape = tuple(policy.latent_shape)
-    noise = torch.randn((p, *shape), generator=generator).to(policy.device)
+    noise = per_prompt_noise(generators, (1, *shape), policy.device)
     anchor, anchor_v = anchor_trajectory(velocity, noise, cond, sigmas)
 
     steps = torch.tensor(plan.active_steps)
@@ -156,7 +165,7 @@ def rollout_branches(
     v = _expand(anchor_v[:, steps].reshape(p * k, *shape), g)
     step_of = _expand(steps.repeat(p), g)
     land_of = _expand(landings.repeat(p), g)
-    eps = torch.randn(x.shape, generator=generator).to(policy.device)
+    eps = per_prompt_noise(generators, (k * g, *shape), policy.device)
     jump = sde_step(x, v, sigmas[step_of], sigmas[land_of], plan.eta, float(sigmas[1]), eps, noise_kind)
     log_probs = gaussian_log_prob(jump.sample, jump.mean, jump.std)
 
@@ -202,7 +211,7 @@ def rollout_trajectories(
     sigmas: torch.Tensor,
     cond: Cond,
     group_size: int,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
     sde_steps: list[int],
     train_steps: list[int],
     eta: float,
@@ -217,10 +226,9 @@ def rollout_trajectories(
     p, g = next(iter(cond.values())).shape[0], group_size
     shape = tuple(policy.latent_shape)
     if shared_noise:
-        x = _expand(torch.randn((p, *shape), generator=generator), g)
+        x = _expand(per_prompt_noise(generators, (1, *shape), policy.device), g)
     else:
-        x = torch.randn((p * g, *shape), generator=generator)
-    x = x.to(policy.device)
+        x = per_prompt_noise(generators, (g, *shape), policy.device)
     rows = torch.arange(p).repeat_interleave(g)
     cond_all = select(cond, rows)
     sde, trained = set(sde_steps), set(train_steps)
@@ -229,7 +237,7 @@ def rollout_trajectories(
         s_from, s_to = sigmas[i].expand(p * g), sigmas[i + 1].expand(p * g)
         v = velocity(x, s_from.float(), cond_all)
         if i in sde:
-            eps = torch.randn(x.shape, generator=generator).to(policy.device)
+            eps = per_prompt_noise(generators, (g, *shape), policy.device)
             jump = sde_step(x, v, s_from, s_to, eta, float(sigmas[1]), eps, noise_kind)
             if i in trained:
                 log_probs = gaussian_log_prob(jump.sample, jump.mean, jump.std)
@@ -251,7 +259,7 @@ def rollout_tree(
     policy: Policy,
     sigmas: torch.Tensor,
     cond: Cond,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
     split_steps: list[int],
     branch_factor: int,
     eta: float,
@@ -264,7 +272,7 @@ def rollout_tree(
     velocity = chunked_velocity(policy, max_batch)
     p = next(iter(cond.values())).shape[0]
     shape = tuple(policy.latent_shape)
-    x = torch.randn((p, *shape), generator=generator).to(policy.device)
+    x = per_prompt_noise(generators, (1, *shape), policy.device)
     rows = torch.arange(p)
     depth = len(split_steps)
     records, calls = [], 0
@@ -275,7 +283,7 @@ def rollout_tree(
         calls += n
         if i in split_steps:
             x_rep, v_rep = _expand(x, branch_factor), _expand(v, branch_factor)
-            eps = torch.randn(x_rep.shape, generator=generator).to(policy.device)
+            eps = per_prompt_noise(generators, (x_rep.shape[0] // p, *shape), policy.device)
             m = n * branch_factor
             jump = sde_step(x_rep, v_rep, s_from[:1].expand(m), s_to[:1].expand(m), eta, float(sigmas[1]), eps, noise_kind)
             d = len(records) + 1  # depth of the children

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from egrpo import checkpoint as ckpt
 from egrpo.config import Config, ConfigError, reward_specs
+from egrpo.distributed import World
 from egrpo.grpo import grouped_std, kl_to_reference, ppo_clip_loss, transition_advantages
 from egrpo.methods import build_method
 from egrpo.planner import RolloutPlan
@@ -34,8 +35,9 @@ from egrpo.stepmath import gaussian_log_prob, sde_distribution
 from egrpo.tasks import Task, build_task
 
 
-def iteration_generator(seed: int, iteration: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+def iteration_generator(seed: int, iteration: int, slot: int = -1) -> torch.Generator:
+    """The iteration's shared generator (slot -1), or prompt slot ``slot``'s own noise generator."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 4099 + slot + 1)
 
 
 @dataclass
@@ -69,10 +71,18 @@ class Trainer:
         self.method = build_method(config)
         self.plan: RolloutPlan = self.method.plan
         self.reward = WeightedReward(reward_specs(config))
-        self.run_dir = Path(run_dir) if run_dir else default_run_dir(config)
+        self.world = World.from_env(config.train.distributed)
+        self.run_dir = Path(self.world.broadcast(str(run_dir) if run_dir else str(default_run_dir(config))))
+        needed = config.train.prompts_per_iteration * self.world.size
+        if needed > len(self.task.train_prompts):
+            raise ConfigError(
+                f"train.prompts_per_iteration={config.train.prompts_per_iteration} on {self.world.size} ranks needs "
+                f"{needed} distinct prompts per iteration; there are {len(self.task.train_prompts)}"
+            )
         if config.train.kl_coef > 0:
             self.policy.freeze_reference()
-        self.model = self.policy.model
+        self.model = self.policy.model  # unwrapped: what checkpoints hold
+        self.policy.model = self.world.wrap(self.model)  # what the policy calls: DDP's wrapper, or sharded in place
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.train.lr, weight_decay=config.train.weight_decay)
         self.train_cond = self.policy.encode(self.task.train_prompts)
@@ -86,36 +96,48 @@ class Trainer:
 
     # ---- run directory --------------------------------------------------------------------------
     def _start_new_run(self) -> None:
-        if (self.run_dir / "metrics.jsonl").exists():
+        taken = self.world.broadcast((self.run_dir / "metrics.jsonl").exists())
+        if taken:
             raise ConfigError(
                 f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} or pick another output_dir"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config.output_dir = str(self.run_dir)
-        self.config.dump(self.run_dir / "config.yaml")
-        (self.run_dir / "metrics.jsonl").touch()
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.config.dump(self.run_dir / "config.yaml")
+            (self.run_dir / "metrics.jsonl").touch()
+        self.world.barrier()
 
     def _resume(self) -> None:
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is None:
             raise ConfigError(f"{self.run_dir} holds no checkpoint to resume from")
-        state = ckpt.load_checkpoint(latest, self.model, self.policy.arch_config(), self.optimizer)
+        tensors, optimizer_state, state = ckpt.load_checkpoint(latest, self.model, self.policy.arch_config())
+        self.world.load_model_tensors(self.model, tensors)
+        self.world.load_optimizer_state(self.model, self.optimizer, optimizer_state)
         self.start_iteration = state["iteration"]
-        metrics = self.run_dir / "metrics.jsonl"
-        kept = [l for l in metrics.read_text().splitlines() if l and json.loads(l)["iteration"] <= self.start_iteration]
-        ckpt.atomic_write_text(metrics, "".join(l + "\n" for l in kept))
+        if self.world.is_main:
+            metrics = self.run_dir / "metrics.jsonl"
+            lines = metrics.read_text().splitlines()
+            kept = [l for l in lines if l and json.loads(l)["iteration"] <= self.start_iteration]
+            ckpt.atomic_write_text(metrics, "".join(l + "\n" for l in kept))
+        self.world.barrier()
 
     # ---- one iteration ----------------------------------------------------------------------------
     def iteration(self, it: int) -> dict:
         cfg = self.config.train
         gen = iteration_generator(self.config.seed, it)
-        rows = torch.randperm(len(self.task.train_prompts), generator=gen)[: cfg.prompts_per_iteration]
+        # All ranks draw the same global prompt choice and take their own slice; each prompt slot has its
+        # own noise generator, so the world size does not change what a prompt's samples are.
+        p, first = cfg.prompts_per_iteration, self.world.rank * cfg.prompts_per_iteration
+        rows = torch.randperm(len(self.task.train_prompts), generator=gen)[: p * self.world.size][first : first + p]
         prompts = [self.task.train_prompts[int(r)] for r in rows]
         cond = select(self.train_cond, rows)
+        prompt_gens = [iteration_generator(self.config.seed, it, slot) for slot in range(first, first + p)]
 
         t0 = time.perf_counter()
         self.model.eval()
-        ro = self.method.rollout(self.policy, cond, it, gen)
+        ro = self.method.rollout(self.policy, cond, it, gen, prompt_gens)
         t1 = time.perf_counter()
         rewards, anchor_rewards, parts = self._score(ro, prompts)
         t2 = time.perf_counter()
@@ -140,7 +162,7 @@ class Trainer:
             "seconds_update": t3 - t2,
             "seconds": t3 - t0,
         }
-        return metrics
+        return self.world.mean(metrics)
 
     def _score(self, ro: Rollout, prompts: list[str]):
         """One reward call for every final latent (and the anchors); rewards (F,), anchors (P,) or None."""
@@ -166,6 +188,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             for a in range(0, n, cfg.update_batch):
                 b = min(a + cfg.update_batch, n)
+                sync = self.world.no_sync(self.policy.model, last_chunk=b == n)
                 lo, hi = (int(i) for i in torch.searchsorted(ts.source, torch.tensor([a, b])))
                 sigma_from = sigmas[ts.step].expand(b - a)
                 sigma_to = sigmas[ts.landing].expand(b - a)
@@ -185,7 +208,8 @@ class Trainer:
                     kl = kl_to_reference(mean, ref_mean, std)
                     loss = loss + cfg.kl_coef * kl * (b - a) / n
                     chunk_stats["kl"] = kl.item()
-                loss.backward()
+                with sync:
+                    loss.backward()
                 chunk_stats["loss"] = loss.item() * m / (hi - lo)
                 for name, value in chunk_stats.items():
                     reduce = max if name == "ratio_max_dev" else None
@@ -217,32 +241,40 @@ class Trainer:
         from egrpo import report
 
         cfg = self.config
+        main = self.world.is_main
         base_file, base_images_file = self.run_dir / "eval_base.json", self.run_dir / "eval_base_images.safetensors"
-        if not base_file.exists():
+        if not self.world.broadcast(base_file.exists()):
             base_metrics, base_images = self.evaluate()
-            save_file({"images": base_images}, str(base_images_file))
-            ckpt.atomic_write_text(base_file, json.dumps(base_metrics))
+            if main:
+                save_file({"images": base_images}, str(base_images_file))
+                ckpt.atomic_write_text(base_file, json.dumps(base_metrics))
+        self.world.barrier()
         base = json.loads(base_file.read_text())
-        report.plot_plan(self.plan, cfg.plan.tau if cfg.plan.merge == "adaptive" else None, self.run_dir / "plan.png")
+        if main:
+            tau = cfg.plan.tau if cfg.plan.merge == "adaptive" else None
+            report.plot_plan(self.plan, tau, self.run_dir / "plan.png")
 
         started = time.perf_counter()
         elapsed_before = self._elapsed_before()
         previous = signal.signal(signal.SIGINT, self._request_stop)
-        bar = _progress(self.start_iteration, cfg.train.iterations, self.progress)
+        bar = _progress(self.start_iteration, cfg.train.iterations, self.progress and main)
         try:
             for it in range(self.start_iteration, cfg.train.iterations):
                 metrics = self.iteration(it)
                 if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.train.iterations:
                     metrics["eval"] = self.evaluate()[0]
                 metrics["elapsed"] = elapsed_before + time.perf_counter() - started
-                with open(self.run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                if main:
+                    with open(self.run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
                 done = it + 1
+                self._stop_requested = self.world.any(self._stop_requested)
                 if done % cfg.checkpoint_every == 0 or done == cfg.train.iterations or self._stop_requested:
                     self._checkpoint(done, metrics["elapsed"])
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", anchor=f"{metrics['anchor_reward']:.3f}")
+                    shown = {"reward": metrics["reward_mean"], "anchor": metrics.get("anchor_reward")}
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None})
                 if self._stop_requested:
                     raise KeyboardInterrupt
         finally:
@@ -251,14 +283,23 @@ class Trainer:
                 bar.close()
 
         final, final_images = self.evaluate()
-        ckpt.save_weights(self.run_dir / "model.safetensors", self.model, self.policy.arch_config())
+        tensors = self.world.model_tensors(self.model)
+        checksums = self.world.checksums(self.model)
         summary = {
             "base": base,
             "final": final,
             "iterations": cfg.train.iterations,
             "seconds": self._elapsed_before(),
+            "method": self.method.name,
             "plan": {"active_steps": self.plan.active_steps, "merge_lengths": self.plan.merge_lengths},
+            "world_size": self.world.size,
+            "rank_weight_checksums": checksums,
         }
+        if len(set(checksums)) > 1:
+            raise RuntimeError(f"ranks ended with different weights (checksums {checksums}): data-parallel sync failed")
+        if not main:
+            return summary
+        ckpt.save_weights(self.run_dir / "model.safetensors", tensors, self.policy.arch_config())
         ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         report.plot_rewards(self.run_dir / "metrics.jsonl", self.run_dir / "reward_curve.png")
         report.plot_sample_grid(
@@ -271,9 +312,13 @@ class Trainer:
         return summary
 
     def _checkpoint(self, done: int, elapsed: float) -> None:
-        ckpt.save_checkpoint(
-            self.run_dir, done, self.model, self.policy.arch_config(), self.optimizer, {"elapsed": elapsed}
-        )
+        tensors = self.world.model_tensors(self.model)
+        optimizer_state = self.world.optimizer_state(self.model, self.optimizer)
+        if self.world.is_main:
+            ckpt.save_checkpoint(
+                self.run_dir, done, tensors, self.policy.arch_config(), optimizer_state, {"elapsed": elapsed}
+            )
+        self.world.barrier()
 
     def _elapsed_before(self) -> float:
         latest = ckpt.latest_checkpoint(self.run_dir)
@@ -295,7 +340,7 @@ class Trainer:
 def default_run_dir(config: Config) -> Path:
     if config.output_dir:
         return Path(config.output_dir)
-    return Path("runs") / f"egrpo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"{config.method.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def _progress(start: int, total: int, enabled: bool):

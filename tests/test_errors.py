@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from egrpo import config as cfg
-from egrpo.checkpoint import CheckpointError, load_weights, save_weights
+from egrpo.checkpoint import CheckpointError, load_weights, save_weights, trainable_state
 from egrpo.cli import main
 from egrpo.embedded.model import DigitsPolicy, TinyFluxConfig
 from egrpo.tasks import build_task
@@ -78,7 +78,7 @@ def test_prompt_without_a_digit_is_refused(tmp_path):
 def test_checkpoint_from_another_architecture(tmp_path):
     other = DigitsPolicy(TinyFluxConfig(num_layers=1))
     path = tmp_path / "other.safetensors"
-    save_weights(path, other.model, other.arch_config())
+    save_weights(path, trainable_state(other.model), other.arch_config())
     policy = DigitsPolicy()
     with pytest.raises(CheckpointError, match="another architecture.*num_layers"):
         load_weights(path, policy.model, policy.arch_config())

@@ -90,7 +90,7 @@ def test_unknown_method_suggests():
 @pytest.mark.parametrize("name", METHODS)
 def test_one_real_iteration_of_each_method(name, tmp_path, eval_prompt_file):
     config = cfg.load("embedded", [f"method={name}", *TINY, f"output_dir={tmp_path / name}",
-                                   f"prompts.eval={eval_prompt_file}", "train.update_batch=4"])
+                                   f"prompts.eval={eval_prompt_file}"])
     trainer = Trainer(config, progress=False)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     metrics = trainer.iteration(0)
@@ -100,6 +100,18 @@ def test_one_real_iteration_of_each_method(name, tmp_path, eval_prompt_file):
     # varies, how many does not).
     assert metrics["network_calls"] == 2 * trainer.method.describe(0)["network_calls"]
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["egrpo", "flowgrpo", "branchgrpo"])
+def test_chunked_updates_accumulate_to_the_same_step(name, tmp_path, eval_prompt_file):
+    weights = []
+    for chunk in (64, 2):
+        config = cfg.load("embedded", [f"method={name}", *TINY, f"output_dir={tmp_path / str(chunk)}",
+                                       f"prompts.eval={eval_prompt_file}", f"train.update_batch={chunk}"])
+        trainer = Trainer(config, progress=False)
+        trainer.iteration(0)
+        weights.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
 
 
 def test_egrpo_without_merging_equals_single_granularity_g2rpo(tmp_path, eval_prompt_file):

@@ -11,7 +11,8 @@ PROMPTS = ["a handwritten digit four", "someone wrote the number nine"]
 def _rollout(plan, group=5, seed=0, **kwargs):
     policy = load_base_policy()
     cond = policy.encode(PROMPTS)
-    return policy, cond, rollout_branches(policy, plan, cond, group, torch.Generator().manual_seed(seed), **kwargs)
+    gens = [torch.Generator().manual_seed(seed * 10 + i) for i in range(len(PROMPTS))]
+    return policy, cond, rollout_branches(policy, plan, cond, group, gens, **kwargs)
 
 
 def test_shapes_groups_and_network_calls():
@@ -50,7 +51,8 @@ def test_without_noise_every_branch_lands_on_the_anchor_image():
     policy, cond, ro = _rollout(plan, group=3)
     expected = ro.anchor_finals[ro.final_rows]
     assert torch.allclose(ro.finals, expected, atol=1e-5)
-    images = sample_images(policy, cond, torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(0)), plan.sigmas)
+    noise = torch.cat([torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(i)) for i in (0, 1)])
+    images = sample_images(policy, cond, noise, plan.sigmas)
     assert torch.allclose(images, policy.decode(ro.anchor_finals), atol=1e-5)
 
 
@@ -67,6 +69,16 @@ def test_chunked_network_calls_give_the_same_rollout():
     _, _, whole = _rollout(plan, group=4, max_batch=1024)
     _, _, chunked = _rollout(plan, group=4, max_batch=5)
     assert torch.allclose(whole.finals, chunked.finals, atol=1e-5)
+
+
+def test_a_prompt_rolls_out_the_same_alone_or_in_a_batch():
+    plan = make_plan(active_steps="first:3")
+    policy = load_base_policy()
+    cond = policy.encode(PROMPTS)
+    both = rollout_branches(policy, plan, cond, 4, [torch.Generator().manual_seed(i) for i in (5, 6)])
+    alone = rollout_branches(policy, plan, {k: v[1:] for k, v in cond.items()}, 4, [torch.Generator().manual_seed(6)])
+    second = both.final_rows == 1
+    assert torch.allclose(both.finals[second], alone.finals, atol=1e-5)
 
 
 def test_coarser_granularity_completes_with_fewer_calls():

@@ -35,11 +35,15 @@ def build(name: str, **options) -> Reward:
 
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY))}.{hint}")
+        from egrpo.config import ConfigError
+
+        raise ConfigError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY))}.{hint}")
     try:
         return _REGISTRY[name](**options)
     except TypeError as exc:
-        raise ValueError(f"reward {name!r}: bad options {sorted(options)} ({exc})") from None
+        from egrpo.config import ConfigError
+
+        raise ConfigError(f"reward {name!r}: bad options {sorted(options)} ({exc})") from None
 
 
 class WeightedReward:
@@ -61,7 +65,16 @@ class WeightedReward:
 def _register_builtin() -> None:
     if _REGISTRY:
         return
-    from egrpo.rewards import digits
+    from egrpo.rewards import compression, digits
 
     register("alignment", digits.AlignmentReward)
     register("quality", digits.QualityReward)
+    register("jpeg_compressibility", compression.JpegCompressibility)
+
+    # modules of the pretrained rewards import transformers and weights only when a reward is built
+    from egrpo.rewards import clip_family, imagereward
+
+    register("hps", clip_family.HPSReward)
+    register("clip", clip_family.ClipScoreReward)
+    register("pickscore", clip_family.PickScoreReward)
+    register("imagereward", imagereward.ImageReward)

@@ -1,0 +1,174 @@
+"""The CLIP-based rewards of the paper: HPSv2.1, CLIP score and PickScore, on transformers' ``CLIPModel``.
+
+All three score an image against its prompt by the cosine of the normalised image and text features;
+they differ in weights and scale:
+
+- ``hps``: HPSv2.1, an open_clip ViT-H-14 fine-tuned on human preferences, published as an open_clip
+  checkpoint (converted on load); the score is the cosine, as ``hpsv2.score()`` returns it.
+- ``clip``: ``openai/clip-vit-large-patch14``; the score is the raw cosine in [-1, 1] (neither x100
+  nor clamped at 0, unlike torchmetrics' CLIPScore = 100 * max(cos, 0)).
+- ``pickscore``: PickScore_v1, a ViT-H-14 CLIP fine-tuned on Pick-a-Pic; the score is
+  ``logit_scale.exp() * cos`` (about 100x the cosine), as its authors' README computes it.
+
+Images go through the preprocessing all three authors use (shorter side to 224 bicubic, center crop,
+OpenAI CLIP mean/std), done on tensors on the reward's device instead of on 8-bit PIL images.
+Prompts are cut to the model's 77 tokens, keeping <|endoftext|>.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from egrpo.rewards.loading import (
+    RewardWeightsError,
+    freeze,
+    load_pretrained,
+    locate_file,
+    read_checkpoint,
+    resolve_device,
+    resolve_dtype,
+    skip_weight_init,
+)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+LAION_VIT_H_14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+
+def as_rgb(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images (B, 3, H, W) or (B, 1, H, W) in [0, 1], got shape {tuple(images.shape)}")
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def clip_preprocess(images: torch.Tensor, size: int, clamp: bool = True) -> torch.Tensor:
+    """torchvision's ``Resize(size, BICUBIC)``, ``CenterCrop(size)``, ``Normalize(CLIP mean, std)`` on [0, 1] tensors.
+
+    Antialiased bicubic is torch's port of PIL's filter. ``clamp`` stands in for PIL's 8-bit output (CLIP,
+    PickScore, ImageReward resize PIL images); hpsv2 resizes the float tensor and keeps the overshoot.
+    """
+    h, w = images.shape[-2:]
+    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    x = images.float()
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+        x = x.clamp(0, 1) if clamp else x
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    x = x[..., top : top + size, left : left + size]
+    mean = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class ClipFamilyReward:
+    """``cos(image features, text features)``, times ``logit_scale.exp()`` where the reward says so, with a
+    frozen ``CLIPModel``. Options: ``device`` (default cuda if available), ``dtype`` (float32, float16,
+    bfloat16) and ``batch_size`` (images per forward)."""
+
+    name: str
+    checkpoint_source: str  # what to pass as checkpoint, for error messages
+    tokenizer_source: str
+    use_logit_scale = False
+    clamp_resized = True  # see clip_preprocess
+
+    def __init__(
+        self, checkpoint: str, tokenizer: str, device: str | None = None, dtype: str = "float32", batch_size: int = 32
+    ):
+        from transformers import CLIPTokenizer
+
+        self.device, self.dtype = resolve_device(self.name, device), resolve_dtype(self.name, dtype)
+        self.batch_size = batch_size
+        self.hint = f"pass reward.{self.name}.checkpoint=PATH ({self.checkpoint_source})"
+        model = self._load_model(checkpoint)
+        tokenizer_hint = f"pass reward.{self.name}.tokenizer=PATH (a CLIP tokenizer: {self.tokenizer_source})"
+        self.tokenizer = load_pretrained(self.name, CLIPTokenizer, tokenizer, "tokenizer", tokenizer_hint)
+        self.model = freeze(model, self.device, self.dtype)
+        self.image_size = model.config.vision_config.image_size
+        self.max_length = model.config.text_config.max_position_embeddings
+
+    def _load_model(self, checkpoint: str):
+        from transformers import CLIPModel
+
+        return load_pretrained(self.name, CLIPModel, checkpoint, "weights", self.hint)
+
+    def _text_features(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        out = self.model.text_model(
+            input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device)
+        )
+        return F.normalize(self.model.text_projection(out.pooler_output).float(), dim=-1)
+
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = clip_preprocess(images.to(self.device), self.image_size, self.clamp_resized).to(self.dtype)
+        out = self.model.vision_model(pixel_values=pixels)
+        return F.normalize(self.model.visual_projection(out.pooler_output).float(), dim=-1)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        images = as_rgb(images, prompts)
+        # a GRPO batch repeats each prompt once per sample: encode each distinct prompt once
+        unique = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        text = self._text_features(list(unique))[torch.tensor([unique[p] for p in prompts], device=self.device)]
+        image = torch.cat([self._image_features(chunk) for chunk in images.split(self.batch_size)])
+        score = (image * text).sum(-1)
+        if self.use_logit_scale:
+            score = self.model.logit_scale.float().exp() * score
+        return score.to(images.device)
+
+
+class HPSReward(ClipFamilyReward):
+    """HPSv2.1 from its open_clip checkpoint: the .pt file, a folder holding it, or its hub repo."""
+
+    name = "hps"
+    filename = "HPS_v2.1_compressed.pt"
+    checkpoint_source = f"{filename} from the HPSv2 release, https://huggingface.co/xswu/HPSv2, or that hub repo id"
+    tokenizer_source = LAION_VIT_H_14
+    clamp_resized = False
+
+    def __init__(self, checkpoint: str = "xswu/HPSv2", tokenizer: str = LAION_VIT_H_14, **options):
+        super().__init__(checkpoint, tokenizer, **options)
+
+    def _load_model(self, checkpoint: str):
+        from transformers import CLIPModel
+
+        from egrpo.rewards.convert import CheckpointLayoutError, open_clip_to_clip
+
+        path = locate_file(self.name, checkpoint, self.filename, self.hint)
+        raw = read_checkpoint(self.name, path, self.hint)
+        try:
+            # open_clip training checkpoints keep the weights under 'state_dict', beside the epoch and optimizer
+            config, state = open_clip_to_clip(raw.get("state_dict", raw))
+            with skip_weight_init():
+                model = CLIPModel(config)
+            model.load_state_dict(state)
+        except (CheckpointLayoutError, RuntimeError, AttributeError) as exc:
+            raise RewardWeightsError(f"{self.name}: {path}: {exc}; {self.hint}") from None
+        return model
+
+
+class ClipScoreReward(ClipFamilyReward):
+    """CLIP score, the raw cosine, of a transformers CLIP model; ``tokenizer`` defaults to ``checkpoint``."""
+
+    name = "clip"
+    checkpoint_source = "a transformers CLIP folder or hub id: openai/clip-vit-large-patch14"
+    tokenizer_source = "openai/clip-vit-large-patch14"
+
+    def __init__(self, checkpoint: str = "openai/clip-vit-large-patch14", tokenizer: str | None = None, **options):
+        super().__init__(checkpoint, tokenizer or checkpoint, **options)
+
+
+class PickScoreReward(ClipFamilyReward):
+    """PickScore_v1: ``logit_scale.exp() * cos``, with the tokenizer of the LAION ViT-H-14 it was tuned from."""
+
+    name = "pickscore"
+    checkpoint_source = "a transformers CLIP folder or hub id: yuvalkirstain/PickScore_v1"
+    tokenizer_source = LAION_VIT_H_14
+    use_logit_scale = True
+
+    def __init__(self, checkpoint: str = "yuvalkirstain/PickScore_v1", tokenizer: str = LAION_VIT_H_14, **options):
+        super().__init__(checkpoint, tokenizer, **options)
