@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     kind: str = "embedded"
-    """Policy adapter: 'embedded' (tiny FLUX-architecture model on the digits)."""
+    """Policy adapter: 'embedded' (tiny FLUX-architecture model on the digits), 'flux' or 'sd3' (diffusers)."""
     checkpoint: Optional[str] = None
     """Base weights (a .safetensors file or a run directory); None = the shipped base model."""
     pretrained: Optional[str] = None

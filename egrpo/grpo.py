@@ -61,4 +61,4 @@ def kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tenso
     """Flow-GRPO's KL between the policy's and the reference's Gaussian steps, averaged over dimensions:
     ``mean((mu - mu_ref)^2) / (2 std^2)``."""
     per_sample = ((mean - ref_mean) ** 2).flatten(1).mean(1)
-    return (per_sample / (2.0 * std**2)).mean()
+    return (per_sample / (2.0 * std.to(per_sample.device) ** 2)).mean()

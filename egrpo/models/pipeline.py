@@ -1,0 +1,174 @@
+"""What the FLUX and SD3 policies share: the transformer and VAE of a diffusers pipeline, LoRA or full
+fine-tuning, the reference network, mixed precision, prompts from the embedding cache, and decoding.
+
+Weights: full fine-tuning keeps fp32 master weights and computes under bf16 autocast on a GPU (the
+paper's "bf16"); LoRA stores the frozen base in the compute dtype and its adapters in fp32. The VAE
+is frozen and decodes under the same autocast. The step math outside stays fp32: ``velocity``
+returns fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from egrpo.config import ConfigError, ModelConfig
+from egrpo.models.text_cache import EmbeddingCache, compute_dtype, resolve_device
+from egrpo.policy import Cond
+
+# Flow-GRPO's LoRA targets: the q/k/v/out projections of both streams of the joint attention.
+DEFAULT_LORA_TARGETS = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+]
+
+
+def check_model_config(model: ModelConfig) -> None:
+    """Field checks of a pipeline model that need no weights."""
+    if not model.pretrained:
+        raise ConfigError(
+            f"model.pretrained is not set: model.kind={model.kind!r} needs a diffusers pipeline, "
+            "a hub id (e.g. black-forest-labs/FLUX.1-dev) or a local folder"
+        )
+    if not model.embedding_cache:
+        raise ConfigError(
+            "model.embedding_cache is not set: name the text-embedding file, built once with "
+            "egrpo preprocess CONFIG --out CACHE.safetensors"
+        )
+    checks = [
+        (min(model.height, model.width) >= 1, f"model.height / width must be >= 1, got {model.height} x {model.width}"),
+        (model.lora_rank >= 0, f"model.lora_rank must be >= 0 (0 = full fine-tuning), got {model.lora_rank}"),
+        (model.lora_alpha > 0, f"model.lora_alpha must be > 0, got {model.lora_alpha}"),
+        (model.decode_batch >= 1, f"model.decode_batch must be >= 1, got {model.decode_batch}"),
+        (model.guidance is None or model.guidance > 0, f"model.guidance must be > 0, got {model.guidance}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+class PipelinePolicy:
+    """Base of the FLUX and SD3 adapters (see :class:`egrpo.policy.Policy`); subclasses define the latent
+    layout (``latent_shape``, ``_vae_latents``) and the network call (``velocity``)."""
+
+    kind: str
+
+    def __init__(self, model: ModelConfig, transformer: nn.Module, vae: nn.Module, cache: EmbeddingCache):
+        self.settings = model
+        self.device = resolve_device(model.device)
+        self.dtype = compute_dtype(model, self.device)
+        self.cache = cache
+        self._check_cache(transformer)
+        self.vae = vae.to(self.device).eval().requires_grad_(False)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.transformer_config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+        if model.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        self.lora = model.lora_rank > 0
+        if self.lora:
+            from peft import LoraConfig, get_peft_model
+
+            self.lora_targets = list(model.lora_target_modules or DEFAULT_LORA_TARGETS)
+            transformer.requires_grad_(False)
+            lora = LoraConfig(
+                r=model.lora_rank,
+                lora_alpha=model.lora_alpha,
+                init_lora_weights="gaussian",
+                target_modules=self.lora_targets,
+            )
+            try:
+                transformer = get_peft_model(transformer, lora)  # adapters in fp32 over the compute-dtype base
+            except ValueError as exc:
+                raise ConfigError(f"model.lora_target_modules: {exc}") from None
+            # The trainer may replace self.model by a DDP wrapper, which hides disable_adapter().
+            self._adapters = transformer
+        else:
+            transformer.requires_grad_(True)
+        self.model = transformer.to(self.device)
+        self._reference: nn.Module | None = None
+        self._reference_frozen = False
+
+    @classmethod
+    def weight_dtype(cls, model: ModelConfig) -> torch.dtype:
+        """Storage dtype of the transformer: fp32 master weights when trained in full, the compute dtype under LoRA."""
+        return compute_dtype(model, resolve_device(model.device)) if model.lora_rank > 0 else torch.float32
+
+    def _check_cache(self, transformer: nn.Module) -> None:
+        if self.cache.kind != self.kind:
+            raise ConfigError(
+                f"model.embedding_cache {self.cache.path} was built for model.kind={self.cache.kind!r}, "
+                f"not {self.kind!r}"
+            )
+        config = transformer.config
+        widths = (self.cache.text_shape[1], self.cache.pooled_dim)
+        if widths != (config.joint_attention_dim, config.pooled_projection_dim):
+            raise ConfigError(
+                f"model.embedding_cache {self.cache.path} holds embeddings of width {self.cache.text_shape[1]} / "
+                f"{self.cache.pooled_dim}, but the transformer expects {config.joint_attention_dim} / "
+                f"{config.pooled_projection_dim}: it was built from another model; rebuild it with egrpo preprocess"
+            )
+
+    # ---- the Policy protocol --------------------------------------------------------------------
+    def arch_config(self) -> dict:
+        lora = None
+        if self.lora:
+            lora = {"rank": self.settings.lora_rank, "alpha": self.settings.lora_alpha, "targets": self.lora_targets}
+        return {"kind": self.kind, "transformer": self.transformer_config, "lora": lora}
+
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        """Cached embeddings on the CPU: the cache of a large prompt set stays off the GPU, and ``velocity``
+        moves the few rows of each call there."""
+        return self.cache.lookup(prompts)
+
+    def freeze_reference(self) -> None:
+        """With LoRA the reference is the base network with its adapters disabled (no copy); in full
+        fine-tuning, a frozen copy of the current weights."""
+        if not self.lora:
+            self._reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self._reference_frozen = True
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images on the CPU, in fp32: the trainer saves and plots them, and each reward moves them to its device."""
+        scaling = self.vae.config.scaling_factor
+        shift = self.vae.config.shift_factor or 0.0
+        images = []
+        for chunk in latents.split(self.settings.decode_batch):
+            z = self._vae_latents(chunk.to(self.device, torch.float32)) / scaling + shift
+            with self.autocast():
+                pixels = self.vae.decode(z, return_dict=False)[0]
+            images.append(((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu())
+        return torch.cat(images).contiguous()  # the VAE may answer channels-last; safetensors wants contiguous
+
+    # ---- helpers of the subclasses --------------------------------------------------------------
+    def autocast(self):
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast(device_type="cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def network(self, reference: bool) -> tuple[nn.Module, contextlib.AbstractContextManager]:
+        """The module to call and the context to call it in."""
+        if not reference:
+            return self.model, contextlib.nullcontext()
+        if not self._reference_frozen:
+            raise RuntimeError("velocity(reference=True) needs freeze_reference() first")
+        if self.lora:
+            return self.model, self._adapters.disable_adapter()
+        return self._reference, contextlib.nullcontext()
+
+    def on_device(self, cond: Cond) -> Cond:
+        return {name: value.to(self.device, torch.float32) for name, value in cond.items()}
+
+    def _vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, *latent_shape) -> the VAE's (B, C, h, w)."""
+        raise NotImplementedError
