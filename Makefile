@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: train test test-all bench
+.PHONY: train test bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,9 +17,6 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
-
-test-all: $(VENV)/.installed
-	$(PY) -m pytest -q -m ''
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/engine_overhead.py
