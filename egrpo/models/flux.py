@@ -11,14 +11,15 @@ import torch
 from torch import nn
 
 from egrpo.config import ConfigError, ModelConfig
-from egrpo.models.pipeline import PipelinePolicy, check_model_config
-from egrpo.models.text_cache import EmbeddingCache, load_error
+from egrpo.models.pipeline import PipelinePolicy
+from egrpo.models.text_cache import EmbeddingCache
 from egrpo.policy import Cond
 
 DEFAULT_GUIDANCE = 3.5
 
 
 class FluxPolicy(PipelinePolicy):
+    transformer_class = "FluxTransformer2DModel"
     kind = "flux"
 
     def __init__(self, model: ModelConfig, transformer: nn.Module, vae: nn.Module, cache: EmbeddingCache):
@@ -44,21 +45,6 @@ class FluxPolicy(PipelinePolicy):
         self._txt_ids = torch.zeros(cache.text_shape[0], 3, device=self.device)
         scale = DEFAULT_GUIDANCE if model.guidance is None else model.guidance
         self._guidance = scale if self.transformer_config.get("guidance_embeds") else None
-
-    @classmethod
-    def load(cls, model: ModelConfig, cache: EmbeddingCache) -> FluxPolicy:
-        """Only the transformer and the VAE of the pipeline ``model.pretrained``."""
-        from diffusers import AutoencoderKL, FluxTransformer2DModel
-
-        check_model_config(model)
-        try:
-            transformer = FluxTransformer2DModel.from_pretrained(
-                model.pretrained, subfolder="transformer", torch_dtype=cls.weight_dtype(model)
-            )
-            vae = AutoencoderKL.from_pretrained(model.pretrained, subfolder="vae")
-        except OSError as exc:
-            raise load_error(model, "FLUX transformer / VAE", exc) from None
-        return cls(model, transformer, vae, cache)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, reference: bool = False) -> torch.Tensor:
         net, context = self.network(reference)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from egrpo.config import ConfigError, ModelConfig
-from egrpo.models.text_cache import EmbeddingCache, compute_dtype, resolve_device
+from egrpo.models.text_cache import EmbeddingCache, compute_dtype, load_error, resolve_device
 from egrpo.policy import Cond
 
 # Flow-GRPO's LoRA targets: the q/k/v/out projections of both streams of the joint attention.
@@ -97,6 +97,23 @@ class PipelinePolicy:
         self.model = transformer.to(self.device)
         self._reference: nn.Module | None = None
         self._reference_frozen = False
+
+    transformer_class: str  # the diffusers class of the pipeline's transformer
+
+    @classmethod
+    def load(cls, model: ModelConfig, cache: EmbeddingCache):
+        """Only the transformer and the VAE of the pipeline ``model.pretrained``: no text encoders."""
+        import diffusers
+
+        check_model_config(model)
+        try:
+            transformer = getattr(diffusers, cls.transformer_class).from_pretrained(
+                model.pretrained, subfolder="transformer", torch_dtype=cls.weight_dtype(model)
+            )
+            vae = diffusers.AutoencoderKL.from_pretrained(model.pretrained, subfolder="vae")
+        except OSError as exc:
+            raise load_error(model, f"{cls.transformer_class} / VAE", exc) from None
+        return cls(model, transformer, vae, cache)
 
     @classmethod
     def weight_dtype(cls, model: ModelConfig) -> torch.dtype:

@@ -12,14 +12,15 @@ import torch
 from torch import nn
 
 from egrpo.config import ConfigError, ModelConfig
-from egrpo.models.pipeline import PipelinePolicy, check_model_config
-from egrpo.models.text_cache import EmbeddingCache, load_error
+from egrpo.models.pipeline import PipelinePolicy
+from egrpo.models.text_cache import EmbeddingCache
 from egrpo.policy import Cond
 
 DEFAULT_GUIDANCE = 4.5  # Flow-GRPO's SD3.5 setting
 
 
 class SD3Policy(PipelinePolicy):
+    transformer_class = "SD3Transformer2DModel"
     kind = "sd3"
 
     def __init__(self, model: ModelConfig, transformer: nn.Module, vae: nn.Module, cache: EmbeddingCache):
@@ -44,21 +45,6 @@ class SD3Policy(PipelinePolicy):
         )
         self.guidance = DEFAULT_GUIDANCE if model.guidance is None else model.guidance
         self._uncond = self.on_device(cache.unconditional()) if self.guidance != 1.0 else None
-
-    @classmethod
-    def load(cls, model: ModelConfig, cache: EmbeddingCache) -> SD3Policy:
-        """Only the transformer and the VAE of the pipeline ``model.pretrained``."""
-        from diffusers import AutoencoderKL, SD3Transformer2DModel
-
-        check_model_config(model)
-        try:
-            transformer = SD3Transformer2DModel.from_pretrained(
-                model.pretrained, subfolder="transformer", torch_dtype=cls.weight_dtype(model)
-            )
-            vae = AutoencoderKL.from_pretrained(model.pretrained, subfolder="vae")
-        except OSError as exc:
-            raise load_error(model, "SD3 transformer / VAE", exc) from None
-        return cls(model, transformer, vae, cache)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, reference: bool = False) -> torch.Tensor:
         net, context = self.network(reference)
