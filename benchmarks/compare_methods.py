@@ -84,7 +84,7 @@ def summarise(contenders: list[Contender], level: float) -> dict:
             "iterations": mean_std([c.iterations for c in runs]),
             "seconds_per_iteration": mean_std([statistics.fmean(c.iteration_seconds) for c in runs]),
             "network_calls_per_iteration": statistics.fmean(statistics.fmean(c.network_calls) for c in runs),
-            "seconds_to_level": [r for r in reach],
+            "seconds_to_level": reach,
             "base_alignment": runs[0].curve[0][1]["alignment"],
             "curves": [[(s, m["alignment"]) for s, m in c.curve] for c in runs],
         }

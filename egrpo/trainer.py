@@ -66,12 +66,13 @@ class Trainer:
     def __init__(self, config: Config, run_dir: Path | None = None, resume: bool = False, progress: bool = True):
         self.config = config
         self.progress = progress
+        # Join the process group first: it pins this rank's CUDA device before any weights load.
+        self.world = World.from_env(config.train.distributed)
         self.task = build_task(config)
         self.policy = self.task.policy
         self.method = build_method(config)
         self.plan: RolloutPlan = self.method.plan
         self.reward = WeightedReward(reward_specs(config))
-        self.world = World.from_env(config.train.distributed)
         self.run_dir = Path(self.world.broadcast(str(run_dir) if run_dir else str(default_run_dir(config))))
         needed = config.train.prompts_per_iteration * self.world.size
         if needed > len(self.task.train_prompts):
