@@ -103,6 +103,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from egrpo.evaluation import run
+
+    checkpoints = [c for c in args.checkpoints if "=" not in c]
+    overrides = [c for c in args.checkpoints if "=" in c]
+    if not checkpoints:
+        raise FileNotFoundError("name at least one checkpoint: a run directory, a .safetensors file, or 'base'")
+    if args.prompts:
+        overrides.append(f"prompts.eval={args.prompts}")
+    if args.seeds:
+        overrides.append(f"eval.seeds_per_prompt={args.seeds}")
+    rows = run(checkpoints, overrides, Path(args.out))
+    from egrpo.evaluation import markdown_table
+
+    print(markdown_table(rows), end="")
+    print(f"wrote {Path(args.out) / 'eval.json'} and {Path(args.out) / 'eval.md'}")
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from egrpo.embedded.pretrain import pretrain
 
@@ -173,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", metavar="CACHE", help="output .safetensors file (default: model.embedding_cache)")
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")
     prep.set_defaults(func=cmd_preprocess)
+
+    ev = sub.add_parser("eval", help="held-out metrics of checkpoints with fixed seeds: JSON and a markdown table")
+    ev.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                    help="run directories, .safetensors files or 'base' (the shipped base model); key=value overrides too")
+    ev.add_argument("--prompts", help="held-out prompt file, one prompt a line (default: the config's prompts.eval)")
+    ev.add_argument("--seeds", type=int, help="samples per prompt, each from a fixed seed (default: eval.seeds_per_prompt)")
+    ev.add_argument("--out", default="eval", help="output directory (default: ./eval)")
+    ev.set_defaults(func=cmd_eval)
 
     pre = sub.add_parser("pretrain", help="rebuild the embedded base model and reward networks")
     pre.add_argument("--out", default="pretrained", help="output directory (default: ./pretrained)")

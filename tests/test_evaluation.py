@@ -1,0 +1,44 @@
+import json
+
+import pytest
+import torch
+
+from egrpo.cli import main
+from egrpo.evaluation import diversity, frechet_distance, markdown_table
+
+
+def test_frechet_distance_closed_forms():
+    x = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    # A pure shift by d moves only the means: distance = |d|^2.
+    assert frechet_distance(x, x + 0.5) == pytest.approx(8 * 0.25, rel=1e-6)
+    # Scaling by 2: trace term = tr(C + 4C - 2*2C) = tr(C).
+    trace = torch.cov(x.T.double()).trace().item()
+    assert frechet_distance(x, 2 * (x - x.mean(0)) + x.mean(0)) == pytest.approx(trace, rel=1e-5)
+
+
+def test_diversity_is_the_mean_pairwise_distance_within_a_prompt():
+    same = torch.zeros(6, 1, 2, 2)
+    assert diversity(same, 3) == 0.0
+    two = torch.tensor([[0.0, 0.0], [3.0, 4.0]]).reshape(2, 1, 1, 2)
+    assert diversity(two, 2) == pytest.approx(5.0)
+
+
+def test_markdown_table_layout():
+    table = markdown_table({"base": {"alignment": 0.5, "quality": -1.0}, "run": {"alignment": 0.75}})
+    lines = table.splitlines()
+    assert lines[0] == "| model | alignment | quality |"
+    assert lines[1] == "|---|---|---|"
+    assert lines[2] == "| base | 0.500 | -1.000 |" and lines[3] == "| run | 0.750 | - |"
+
+
+def test_cli_eval_of_the_base_model_writes_json_and_table(tmp_path, eval_prompt_file, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "base", "--prompts", str(eval_prompt_file), "--seeds", "3", "--out", str(out)]) == 0
+    rows = json.loads((out / "eval.json").read_text())
+    assert set(rows["base"]) >= {"alignment", "accuracy", "judge_accuracy", "quality", "diversity", "frechet_distance"}
+    assert 0.0 <= rows["base"]["alignment"] <= 1.0
+    assert "| base |" in (out / "eval.md").read_text()
+    # Fixed seeds: a second evaluation gives the same numbers.
+    assert main(["eval", "base", "--prompts", str(eval_prompt_file), "--seeds", "3", "--out", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "eval.json").read_text()) == rows
