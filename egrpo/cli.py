@@ -122,6 +122,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from egrpo.ablation import ablate
+
+    seeds = args.seeds or (2 if args.quick else 3)
+    iterations = args.iterations or (6 if args.quick else 20)
+    sweeps = [s.strip() for s in args.sweeps.split(",") if s.strip()]
+    out = Path(args.out)
+    ablate(sweeps, seeds, iterations, out, args.overrides)
+    for sweep in sweeps:
+        print((out / f"{sweep}.md").read_text())
+    print(f"wrote {', '.join(str(out / f'{s}.json') for s in sweeps)} and the .md tables beside them")
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from egrpo.embedded.pretrain import pretrain
 
@@ -200,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", type=int, help="samples per prompt, each from a fixed seed (default: eval.seeds_per_prompt)")
     ev.add_argument("--out", default="eval", help="output directory (default: ./eval)")
     ev.set_defaults(func=cmd_eval)
+
+    abl = sub.add_parser("ablate", help="the paper's ablations (tau, merge strategy, trained steps) on the embedded task")
+    abl.add_argument("overrides", nargs="*", help=overrides_help)
+    abl.add_argument("--sweeps", default="tau,merge,steps", help="comma-separated: tau, merge, steps")
+    abl.add_argument("--seeds", type=int, help="seeds per cell (default 3, quick 2)")
+    abl.add_argument("--iterations", type=int, help="iterations per cell (default 20, quick 6)")
+    abl.add_argument("--quick", action="store_true", help="reduced budget: 6 iterations x 2 seeds per cell")
+    abl.add_argument("--out", default="ablation", help="output directory (default: ./ablation)")
+    abl.set_defaults(func=cmd_ablate)
 
     pre = sub.add_parser("pretrain", help="rebuild the embedded base model and reward networks")
     pre.add_argument("--out", default="pretrained", help="output directory (default: ./pretrained)")

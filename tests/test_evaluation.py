@@ -42,3 +42,23 @@ def test_cli_eval_of_the_base_model_writes_json_and_table(tmp_path, eval_prompt_
     # Fixed seeds: a second evaluation gives the same numbers.
     assert main(["eval", "base", "--prompts", str(eval_prompt_file), "--seeds", "3", "--out", str(tmp_path / "again")]) == 0
     assert json.loads((tmp_path / "again" / "eval.json").read_text()) == rows
+
+
+def test_ablate_writes_each_table(tmp_path, eval_prompt_file):
+    out = tmp_path / "ablation"
+    args = ["ablate", "--sweeps", "steps", "--seeds", "2", "--iterations", "1", "--out", str(out),
+            "train.prompts_per_iteration=2", "train.group_size=3", "eval.seeds_per_prompt=1",
+            f"prompts.eval={eval_prompt_file}"]
+    assert main(args) == 0
+    rows = json.loads((out / "steps.json").read_text())
+    assert list(rows) == ["first 4", "first 8", "second 8", "all 16"]
+    assert rows["first 8"]["paper_hps"] == 0.391
+    mean, std = rows["all 16"]["alignment"]
+    assert 0.0 <= mean <= 1.0 and std >= 0.0
+    table = (out / "steps.md").read_text().splitlines()
+    assert table[2].startswith("| setting |") and len(table) == 8
+    from egrpo.ablation import ablate
+    from egrpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown sweep"):
+        ablate(["nope"], 1, 1, tmp_path)
