@@ -1,4 +1,5 @@
-"""Command line: ``egrpo train | plan | sample | pretrain``, each a thin shell over the library."""
+"""Command line: ``egrpo train | plan | sample | eval | ablate | figures | preprocess | pretrain``, thin shells
+over the library."""
 
 from __future__ import annotations
 
@@ -136,6 +137,41 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_figures(args: argparse.Namespace) -> int:
+    from egrpo import config as cfg
+    from egrpo import figures
+
+    out = Path(args.out or f"figures/{args.figure}.png")
+    labels = [l.strip() for l in args.labels.split(",")] if getattr(args, "labels", None) else None
+    if args.figure in ("entropy", "spread"):
+        config = cfg.load(args.config or "embedded", args.overrides)
+        if args.figure == "entropy":
+            figures.entropy(config, out, args.max_length)
+        else:
+            if args.checkpoint:
+                config.model.checkpoint = args.checkpoint
+            figures.spread(config, out, args.batches)
+    elif args.figure == "curves":
+        figures.curves([Path(r) for r in args.runs], out, labels)
+    else:
+        names = [c for c in args.checkpoints if "=" not in c]
+        overrides = [c for c in args.checkpoints if "=" in c]
+        if args.prompts:
+            overrides.append(f"prompts.eval={args.prompts}")
+        if args.figure == "grid":
+            if not names:
+                raise FileNotFoundError("name at least one checkpoint: a run directory, a .safetensors file, or 'base'")
+            overrides.append(f"eval.seeds_per_prompt={args.seeds}")
+            figures.grid(names, out, overrides, labels, args.rows)
+        else:
+            if len(names) != 2:
+                raise cfg.ConfigError(f"failures compares two checkpoints (BASE TUNED), got {len(names)}: {names}")
+            data = figures.failures(*names, out, args.reward, args.check, overrides, args.top)
+            print(f"{len(data['cases'])} of {data['samples']} held-out samples: {args.reward} up, {args.check} down")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from egrpo.embedded.pretrain import pretrain
 
@@ -223,6 +259,43 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--quick", action="store_true", help="reduced budget: 6 iterations x 2 seeds per cell")
     abl.add_argument("--out", default="ablation", help="output directory (default: ./ablation)")
     abl.set_defaults(func=cmd_ablate)
+
+    fig = sub.add_parser("figures", help="the paper's figures as PNG (+ JSON of the numbers): entropy, spread, "
+                                         "curves, grid, failures")
+    figs = fig.add_subparsers(dest="figure", required=True)
+    out_help = "output PNG; the plotted numbers go beside it as .json (default: figures/NAME.png)"
+    ent = figs.add_parser("entropy", help="H(i, l) per step for merge lengths 1..k, tau and the plan (Fig. 1b)")
+    ent.add_argument("config", nargs="?", help="config file or shipped config name (default: embedded)")
+    ent.add_argument("overrides", nargs="*", help=overrides_help)
+    ent.add_argument("--max-length", type=int, default=6, help="longest merge length drawn (default 6)")
+    spr = figs.add_parser("spread", help="within-group reward std when branching at each step, single vs merged "
+                                         "jump (Fig. 1a)")
+    spr.add_argument("config", nargs="?", help="config file or shipped config name (default: embedded)")
+    spr.add_argument("overrides", nargs="*", help=overrides_help)
+    spr.add_argument("--checkpoint", help="weights to branch from (default: the config's model)")
+    spr.add_argument("--batches", type=int, default=2,
+                     help="batches of train.prompts_per_iteration prompts, groups of train.group_size (default 2)")
+    cur = figs.add_parser("curves", help="training reward curves of runs, one line each (Fig. 4)")
+    cur.add_argument("runs", nargs="+", metavar="RUN", help="run directories of egrpo train")
+    cur.add_argument("--labels", help="comma-separated line labels (default: each run's method)")
+    grd = figs.add_parser("grid", help="same prompts and seeds, one column per checkpoint (Figs. 6-7)")
+    grd.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                     help="run directories, .safetensors files or 'base'; key=value overrides too")
+    grd.add_argument("--labels", help="comma-separated column labels (default: method and run name)")
+    grd.add_argument("--prompts", help="held-out prompt file (default: the config's prompts.eval)")
+    grd.add_argument("--seeds", type=int, default=1, help="samples per prompt (default 1)")
+    grd.add_argument("--rows", type=int, default=8, help="rows: the first N (prompt, seed) pairs (default 8)")
+    fail = figs.add_parser("failures", help="samples where the reward rose but a check reward fell: reward hacking "
+                                            "(Fig. 8)")
+    fail.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                      help="BASE TUNED: two run directories, .safetensors files or 'base'; key=value overrides too")
+    fail.add_argument("--reward", required=True, help="the reward that was optimised, e.g. quality or hps")
+    fail.add_argument("--check", required=True, help="the reward that should not fall, e.g. alignment or clip")
+    fail.add_argument("--prompts", help="held-out prompt file (default: the config's prompts.eval)")
+    fail.add_argument("--top", type=int, default=8, help="pairs shown (default 8); the JSON lists all")
+    for sp in (ent, spr, cur, grd, fail):
+        sp.add_argument("--out", help=out_help)
+    fig.set_defaults(func=cmd_figures)
 
     pre = sub.add_parser("pretrain", help="rebuild the embedded base model and reward networks")
     pre.add_argument("--out", default="pretrained", help="output directory (default: ./pretrained)")

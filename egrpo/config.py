@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -191,6 +192,9 @@ def _suggest(key: str, candidates: list[str]) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _check_type(key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
@@ -208,6 +212,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         raise ConfigError(f"{key}: expected null, got {value!r}")
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; every user writes it that way
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint in (str, bool, list, dict) and isinstance(value, hint):

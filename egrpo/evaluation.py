@@ -9,6 +9,7 @@ adds two sample statistics: the Fréchet distance between generated and real dig
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +20,7 @@ from egrpo import config as cfg
 from egrpo.planner import make_plan
 from egrpo.rewards import WeightedReward
 from egrpo.rollout import sample_images
-from egrpo.tasks import build_task
+from egrpo.tasks import Task, build_task
 from egrpo.trainer import make_evaluation
 
 BASE = "base"  # names the task's shipped base model instead of a checkpoint
@@ -47,20 +48,49 @@ def diversity(images: torch.Tensor, seeds: int) -> float:
     return float(dists.sum() / (groups.shape[0] * pairs)) if pairs else 0.0
 
 
-def evaluate(checkpoint: str, overrides: Sequence[str] = ()) -> dict[str, float]:
-    """Held-out metrics of one checkpoint (a run directory, a weights file, or 'base')."""
-    source = Path(checkpoint) / "config.yaml"
-    config = cfg.load(str(source) if source.is_file() else "embedded", list(overrides))
+@dataclass
+class Generated:
+    """One checkpoint's held-out samples: the same prompts and initial noises for every checkpoint."""
+
+    config: cfg.Config
+    task: Task
+    prompts: list[str]
+    images: torch.Tensor
+
+
+def reference_run(checkpoints: Sequence[str]) -> str | None:
+    """The first run directory among ``checkpoints``: 'base' takes its config (model, sampling, prompts)."""
+    return next((c for c in checkpoints if (Path(c) / "config.yaml").is_file()), None)
+
+
+def load_config(checkpoint: str, overrides: Sequence[str] = (), reference: str | None = None) -> cfg.Config:
+    """A run directory's own config with ``model.checkpoint`` pointing at it. 'base' and weights files take
+    the ``reference`` run's config (so FLUX's base is compared with FLUX runs), else the embedded default."""
+    run = checkpoint if (Path(checkpoint) / "config.yaml").is_file() else reference
+    config = cfg.load(str(Path(run) / "config.yaml") if run else "embedded", list(overrides))
     config.model.checkpoint = None if checkpoint == BASE else checkpoint
+    return config
+
+
+def generate(checkpoint: str, overrides: Sequence[str] = (), reference: str | None = None) -> Generated:
+    """ODE samples of the held-out prompts, ``eval.seeds_per_prompt`` fixed seeds each."""
+    config = load_config(checkpoint, overrides, reference)
     task = build_task(config)
     ev = make_evaluation(task, config)
     plan = make_plan(**cfg.plan_kwargs(config))
     task.policy.model.eval()
     images = sample_images(task.policy, ev.cond, ev.noise, plan.sigmas, config.train.max_batch)
-    total, parts = WeightedReward(cfg.reward_specs(config)).score(images, ev.prompts)
+    return Generated(config=config, task=task, prompts=ev.prompts, images=images)
+
+
+def evaluate(checkpoint: str, overrides: Sequence[str] = (), reference: str | None = None) -> dict[str, float]:
+    """Held-out metrics of one checkpoint (a run directory, a weights file, or 'base')."""
+    gen = generate(checkpoint, overrides, reference)
+    config, images = gen.config, gen.images
+    total, parts = WeightedReward(cfg.reward_specs(config)).score(images, gen.prompts)
     metrics = {name: values.mean().item() for name, values in parts.items()}
-    if task.metrics is not None:
-        metrics.update(task.metrics(images, ev.prompts))
+    if gen.task.metrics is not None:
+        metrics.update(gen.task.metrics(images, gen.prompts))
     metrics["reward"] = total.mean().item()
     metrics["diversity"] = diversity(images, config.eval.seeds_per_prompt)
     if config.model.kind == "embedded":
@@ -81,7 +111,8 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def run(checkpoints: Sequence[str], overrides: Sequence[str], out: Path) -> dict[str, dict[str, float]]:
-    rows = {name: evaluate(name, overrides) for name in checkpoints}
+    reference = reference_run(checkpoints)
+    rows = {name: evaluate(name, overrides, reference) for name in checkpoints}
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(rows, indent=2))
     (out / "eval.md").write_text(markdown_table(rows))

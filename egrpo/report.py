@@ -15,6 +15,15 @@ import torch  # noqa: E402
 from egrpo.planner import RolloutPlan  # noqa: E402
 
 
+def show_image(ax, image: torch.Tensor) -> None:
+    """Draw one (C, H, W) image in [0, 1]: grayscale for one channel, RGB for three."""
+    pixels = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0)
+    if pixels.shape[-1] == 1:
+        ax.imshow(pixels.squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(pixels.numpy())
+
+
 def plot_plan(plan: RolloutPlan, tau: float | None, path: Path) -> None:
     rows = plan.table()
     steps = [r["step"] for r in rows]
@@ -71,8 +80,7 @@ def plot_sample_grid(
     for r in range(rows):
         for s in range(seeds):
             for col, images in ((s, base), (seeds + 1 + s, trained)):
-                img = images[r * seeds + s]
-                axes[r][col].imshow(img.permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+                show_image(axes[r][col], images[r * seeds + s])
         axes[r][0].set_ylabel(prompts[r * seeds][:28], rotation=0, ha="right", va="center", fontsize=6)
     for ax in axes.flat:
         ax.set_xticks([])
@@ -94,7 +102,7 @@ def save_image_grid(images: torch.Tensor, path: Path, title: str = "", columns: 
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
-            ax.imshow(images[i].permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+            show_image(ax, images[i])
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

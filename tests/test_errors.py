@@ -33,6 +33,16 @@ def test_a_bare_leaf_key_is_accepted_when_unique():
     assert cfg.load("embedded", ["tau=1.8"]).plan.tau == 1.8
 
 
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    # YAML 1.1 reads "1e-4" as a string; a learning rate written that way must still work.
+    assert cfg.load("embedded", ["train.lr=1e-3"]).train.lr == 1e-3
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  lr: 5e-6\n")
+    assert cfg.load(str(path)).train.lr == 5e-6
+    with pytest.raises(cfg.ConfigError, match="expected float"):
+        cfg.load("embedded", ["train.lr=1e-3x"])
+
+
 def test_negative_tau(capsys):
     assert "tau must be >= 0" in _cli_error(["plan", "plan.tau=-1"], capsys)
 
