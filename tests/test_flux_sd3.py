@@ -215,6 +215,18 @@ def test_one_egrpo_iteration_through_the_trainer(pipeline, lora, tmp_path, no_te
     assert main(["sample", "--checkpoint", str(tmp_path / "full_run"), "--prompt", EVAL[0], "--num", "2",
                  "--out", str(out)]) == 0
     assert out.is_file()
+    if not lora:
+        return
+    # eval and the comparison grid: 'base' beside the run is this pipeline's base model, not the digits model
+    run = str(tmp_path / "full_run")
+    assert main(["eval", "base", run, "--out", str(tmp_path / "eval")]) == 0
+    rows = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert set(rows["base"]) == {"jpeg_compressibility", "reward", "diversity"}
+    for name, key in (("base", "base"), (run, "final")):  # the trainer's own held-out numbers, same seeds
+        assert rows[name]["reward"] == pytest.approx(summary[key]["reward"], abs=1e-5)
+    grid = tmp_path / "grid.png"
+    assert main(["figures", "grid", "base", run, "--rows", "2", "--out", str(grid)]) == 0
+    assert json.loads(grid.with_suffix(".json").read_text())["prompts"] == EVAL
 
 
 def test_reference_is_the_base_model(pipeline, tmp_path):
