@@ -115,7 +115,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overrides.append(f"prompts.eval={args.prompts}")
     if args.seeds:
         overrides.append(f"eval.seeds_per_prompt={args.seeds}")
-    rows = run(checkpoints, overrides, Path(args.out))
+    labels = [l.strip() for l in args.labels.split(",")] if args.labels else None
+    rows = run(checkpoints, overrides, Path(args.out), labels)
     from egrpo.evaluation import markdown_table
 
     print(markdown_table(rows), end="")
@@ -248,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run directories, .safetensors files or 'base' (the shipped base model); key=value overrides too")
     ev.add_argument("--prompts", help="held-out prompt file, one prompt a line (default: the config's prompts.eval)")
     ev.add_argument("--seeds", type=int, help="samples per prompt, each from a fixed seed (default: eval.seeds_per_prompt)")
+    ev.add_argument("--labels", help="comma-separated row names, one per checkpoint (default: as given)")
     ev.add_argument("--out", default="eval", help="output directory (default: ./eval)")
     ev.set_defaults(func=cmd_eval)
 

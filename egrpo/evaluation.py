@@ -110,9 +110,14 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(checkpoints: Sequence[str], overrides: Sequence[str], out: Path) -> dict[str, dict[str, float]]:
+def run(
+    checkpoints: Sequence[str], overrides: Sequence[str], out: Path, labels: Sequence[str] | None = None
+) -> dict[str, dict[str, float]]:
+    """Evaluate every checkpoint; rows are named by ``labels`` (default: the checkpoint as given)."""
+    if labels and len(labels) != len(checkpoints):
+        raise cfg.ConfigError(f"--labels: {len(labels)} labels for {len(checkpoints)} checkpoints")
     reference = reference_run(checkpoints)
-    rows = {name: evaluate(name, overrides, reference) for name in checkpoints}
+    rows = {label: evaluate(name, overrides, reference) for name, label in zip(checkpoints, labels or checkpoints)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(rows, indent=2))
     (out / "eval.md").write_text(markdown_table(rows))

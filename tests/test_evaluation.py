@@ -42,6 +42,10 @@ def test_cli_eval_of_the_base_model_writes_json_and_table(tmp_path, eval_prompt_
     # Fixed seeds: a second evaluation gives the same numbers.
     assert main(["eval", "base", "--prompts", str(eval_prompt_file), "--seeds", "3", "--out", str(tmp_path / "again")]) == 0
     assert json.loads((tmp_path / "again" / "eval.json").read_text()) == rows
+    assert main(["eval", "base", "--prompts", str(eval_prompt_file), "--seeds", "3", "--labels", "shipped",
+                 "--out", str(tmp_path / "named")]) == 0
+    assert json.loads((tmp_path / "named" / "eval.json").read_text()) == {"shipped": rows["base"]}
+    assert main(["eval", "base", "--labels", "a,b", "--out", str(tmp_path / "bad")]) == 2
 
 
 def test_ablate_writes_each_table(tmp_path, eval_prompt_file):
