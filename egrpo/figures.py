@@ -232,6 +232,8 @@ def grid(
             ax.set_xlabel(f"{scores[r]:.2f}", fontsize=6, labelpad=1)
     for r in range(n):
         axes[r][0].set_ylabel(prompts[r][:30], rotation=0, ha="right", va="center", fontsize=6)
+    terms = " + ".join(f"{w:g} {name}" for name, w in reward.weights.items() if w)
+    fig.suptitle(f"same prompt and seed per row; below each image its reward ({terms})", fontsize=7)
     fig.tight_layout()
     return _write(fig, out, {"prompts": prompts[:n], "rewards": {label: s for label, (_, s) in columns.items()}})
 
@@ -291,7 +293,7 @@ def failures(
     }
     shown = cases[:top]
     cols = max(1, len(shown))
-    fig, axes = plt.subplots(2, cols, figsize=(1.5 * cols + 1.2, 3.9), squeeze=False)
+    fig, axes = plt.subplots(2, cols, figsize=(1.5 * cols + 1.2, 4.4), squeeze=False)
     for c, case in enumerate(shown):
         i = case["index"]
         for r, (images, rv, cv) in enumerate(((before.images, r0, c0), (after.images, r1, c1))):
