@@ -21,9 +21,10 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/engine_overhead.py
 
-# The README's figures and method table, regenerated from scratch (about 10 minutes on 2 cores): every
-# method trained for the same 20 iterations from the shipped base, plus a run on the preference reward
-# alone to show reward hacking. Runs go to runs/figures/, which this target replaces.
+# The README's figures and tables, regenerated from scratch (about 15 minutes on 2 cores): the main job, every
+# method trained for the same 20 iterations from the shipped base, plus runs on the preference reward
+# alone (it gets hacked) and with alignment beside it (the paper's HPS vs HPS + CLIP). Runs go to
+# runs/figures/, which this target replaces.
 FIGS := docs/figures
 RUNS := runs/figures
 METHODS := egrpo g2rpo tempflow flowgrpo flowgrpo-fast dancegrpo mixgrpo branchgrpo
@@ -34,6 +35,9 @@ LABELS := base,$(subst $(empty) $(empty),$(comma),$(METHODS))
 
 figures: $(VENV)/.installed
 	rm -rf $(RUNS)
+	$(EGRPO) train --no-progress output_dir=$(RUNS)/main
+	cp $(RUNS)/main/samples.png $(RUNS)/main/reward_curve.png $(RUNS)/main/plan.png docs/
+	$(EGRPO) eval base $(RUNS)/main --out docs/results/main --labels "base,trained (60 iterations)"
 	$(EGRPO) figures entropy --out $(FIGS)/entropy.png
 	$(EGRPO) figures spread --batches 4 --out $(FIGS)/spread.png
 	for m in $(METHODS); do \
@@ -45,5 +49,10 @@ figures: $(VENV)/.installed
 	$(EGRPO) eval base $(addprefix $(RUNS)/,$(METHODS)) --out docs/results/methods \
 		--labels $(LABELS)
 	$(EGRPO) train --no-progress reward.alignment=0 reward.quality=1 train.iterations=30 output_dir=$(RUNS)/quality-only
+	$(EGRPO) train --no-progress reward.alignment=4 reward.quality=1 train.iterations=30 output_dir=$(RUNS)/quality+alignment
 	$(EGRPO) figures failures base $(RUNS)/quality-only --reward quality --check alignment --out $(FIGS)/failures.png
+	$(EGRPO) figures failures base $(RUNS)/quality+alignment --reward quality --check alignment \
+		--out $(FIGS)/failures-counterbalanced.png
+	$(EGRPO) eval base $(RUNS)/quality-only $(RUNS)/quality+alignment --out docs/results/hacking \
+		--labels "base,quality only,quality + 4 alignment"
 	$(PY) tools/sync_readme.py
