@@ -138,6 +138,13 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def cmd_figures(args: argparse.Namespace) -> int:
     from egrpo import config as cfg
     from egrpo import figures
@@ -269,13 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     ent = figs.add_parser("entropy", help="H(i, l) per step for merge lengths 1..k, tau and the plan (Fig. 1b)")
     ent.add_argument("config", nargs="?", help="config file or shipped config name (default: embedded)")
     ent.add_argument("overrides", nargs="*", help=overrides_help)
-    ent.add_argument("--max-length", type=int, default=6, help="longest merge length drawn (default 6)")
+    ent.add_argument("--max-length", type=_positive, default=6, help="longest merge length drawn (default 6)")
     spr = figs.add_parser("spread", help="within-group reward std when branching at each step, single vs merged "
                                          "jump (Fig. 1a)")
     spr.add_argument("config", nargs="?", help="config file or shipped config name (default: embedded)")
     spr.add_argument("overrides", nargs="*", help=overrides_help)
     spr.add_argument("--checkpoint", help="weights to branch from (default: the config's model)")
-    spr.add_argument("--batches", type=int, default=2,
+    spr.add_argument("--batches", type=_positive, default=2,
                      help="batches of train.prompts_per_iteration prompts, groups of train.group_size (default 2)")
     cur = figs.add_parser("curves", help="training reward curves of runs, one line each (Fig. 4)")
     cur.add_argument("runs", nargs="+", metavar="RUN", help="run directories of egrpo train")
@@ -285,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run directories, .safetensors files or 'base'; key=value overrides too")
     grd.add_argument("--labels", help="comma-separated column labels (default: method and run name)")
     grd.add_argument("--prompts", help="held-out prompt file (default: the config's prompts.eval)")
-    grd.add_argument("--seeds", type=int, default=1, help="samples per prompt (default 1)")
-    grd.add_argument("--rows", type=int, default=8, help="rows: the first N (prompt, seed) pairs (default 8)")
+    grd.add_argument("--seeds", type=_positive, default=1, help="samples per prompt (default 1)")
+    grd.add_argument("--rows", type=_positive, default=8, help="rows: the first N (prompt, seed) pairs (default 8)")
     fail = figs.add_parser("failures", help="samples where the reward rose but a check reward fell: reward hacking "
                                             "(Fig. 8)")
     fail.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
@@ -294,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     fail.add_argument("--reward", required=True, help="the reward that was optimised, e.g. quality or hps")
     fail.add_argument("--check", required=True, help="the reward that should not fall, e.g. alignment or clip")
     fail.add_argument("--prompts", help="held-out prompt file (default: the config's prompts.eval)")
-    fail.add_argument("--top", type=int, default=8, help="pairs shown (default 8); the JSON lists all")
+    fail.add_argument("--top", type=_positive, default=8, help="pairs shown (default 8); the JSON lists all")
     for sp in (ent, spr, cur, grd, fail):
         sp.add_argument("--out", help=out_help)
     fig.set_defaults(func=cmd_figures)

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from egrpo import config as cfg
-from egrpo.planner import make_plan
+from egrpo.planner import make_plan, resolve_active_steps
 from egrpo.report import plt, show_image
 from egrpo.stepmath import step_entropy, time_grid
 
@@ -114,13 +114,13 @@ def spread(config: cfg.Config, out: Path, batches: int = 2) -> dict:
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
         return mean, sd / math.sqrt(len(values))
 
-    merged_plan = list(variants.values())[1]
-    lengths = merged_plan.merge_lengths
+    lengths = list(variants.values())[1].merge_lengths
+    trained = resolve_active_steps(p.active_steps, s.num_steps)
     data = {
         "groups_per_step": n_prompts * batches,
         "group_size": group,
         "merge_lengths": lengths,
-        "trained_steps": cfg.plan_kwargs(config)["active_steps"],
+        "trained_steps": trained,
         "within_group_reward_std": {name: [summary(v) for v in per_step] for name, per_step in stds.items()},
     }
     fig, ax = plt.subplots(figsize=(7.5, 4))
@@ -128,6 +128,8 @@ def spread(config: cfg.Config, out: Path, batches: int = 2) -> dict:
     for (name, values), color in zip(data["within_group_reward_std"].items(), ("#6c757d", "#d1495b")):
         ax.errorbar(steps, [m for m, _ in values], yerr=[e for _, e in values], fmt="o-", ms=4, capsize=2,
                     color=color, label=name)
+    for i in trained:
+        ax.axvspan(i - 0.5, i + 0.5, color="#fde2e4", zorder=0, label="steps E-GRPO trains" if i == trained[0] else None)
     ax.set_xticks(steps, [f"{i}\n{length}" for i, length in zip(steps, lengths)], fontsize=7)
     ax.set_xlabel("step i where the group branches off the ODE anchor (below it: merged length l_i)")
     ax.set_ylabel("within-group reward std")
