@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from egrpo import config as cfg
+from egrpo.methods import build_method
 from egrpo.trainer import Trainer
 
 # (row label, config overrides, the paper's HPS for that row)
@@ -55,16 +56,22 @@ def train_cell(overrides: Sequence[str], seed: int, iterations: int, root: Path)
     return {**{k: summary["final"][k] for k in REPORTED}, "seconds": time.perf_counter() - start}
 
 
+def network_calls(overrides: Sequence[str]) -> int:
+    """Latents through the network per iteration (rollout and update): the cell's cost, free of machine load."""
+    config = cfg.load("embedded", list(overrides))
+    return build_method(config).describe()["network_calls"] * config.train.prompts_per_iteration
+
+
 def markdown(sweep: str, rows: dict[str, dict], iterations: int, seeds: int) -> str:
     lines = [
         f"{TABLE_NAMES[sweep]} (embedded task, {iterations} iterations per cell, {seeds} seeds, mean ± std)",
         "",
-        "| setting | held-out alignment | judge accuracy | quality | seconds | paper HPS (FLUX) |",
+        "| setting | held-out alignment | judge accuracy | quality | network calls / iteration | paper HPS (FLUX) |",
         "|---|---|---|---|---|---|",
     ]
     for label, r in rows.items():
         cells = [f"{r[k][0]:.3f} ± {r[k][1]:.3f}" for k in REPORTED]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['seconds'][0]:.0f} | {r['paper_hps']:.3f} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['network_calls']} | {r['paper_hps']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -88,6 +95,7 @@ def ablate(sweeps: Sequence[str], seeds: int, iterations: int, out: Path, overri
                     for k in (*REPORTED, "seconds")
                 }
                 rows[label]["paper_hps"] = paper
+                rows[label]["network_calls"] = network_calls(key)
             (out / f"{sweep}.json").write_text(json.dumps(rows, indent=2))
             (out / f"{sweep}.md").write_text(markdown(sweep, rows, iterations, seeds))
             results[sweep] = rows

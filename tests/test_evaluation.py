@@ -59,8 +59,11 @@ def test_ablate_writes_each_table(tmp_path, eval_prompt_file):
     assert rows["first 8"]["paper_hps"] == 0.391
     mean, std = rows["all 16"]["alignment"]
     assert 0.0 <= mean <= 1.0 and std >= 0.0
+    # cost column: latents per iteration, (T + completions + one update input per step) x prompts
+    assert rows["first 4"]["network_calls"] < rows["first 8"]["network_calls"] < rows["all 16"]["network_calls"]
     table = (out / "steps.md").read_text().splitlines()
     assert table[2].startswith("| setting |") and len(table) == 8
+    assert table[-1].endswith(f"| {rows['all 16']['network_calls']} | 0.366 |")
     from egrpo.ablation import ablate
     from egrpo.config import ConfigError
 
