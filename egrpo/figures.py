@@ -183,13 +183,16 @@ def curves(runs: Sequence[Path], out: Path, labels: Sequence[str] | None = None)
     colors = plt.cm.tab10.colors
     for (label, d), color in zip(data.items(), colors * 4):
         for ax, x, h in ((axes[0], d["iteration"], 0), (axes[1], d["seconds"], 1)):
-            ax.plot(x, d["reward"], lw=1.3, color=color, label=label)
+            # Rollout rewards swing with the prompts drawn each iteration: drawn faint, held-out bold.
+            ax.plot(x, d["reward"], lw=0.8, color=color, alpha=0.35)
             if d["held_out"]:
-                ax.plot([p[h] for p in d["held_out"]], [p[2] for p in d["held_out"]], "s--", ms=4, lw=0.8,
-                        color=color, alpha=0.8)
+                ax.plot([p[h] for p in d["held_out"]], [p[2] for p in d["held_out"]], "s-", ms=4, lw=1.8,
+                        color=color, label=label)
+            else:
+                ax.plot([], [], color=color, label=label)
     axes[0].set_xlabel("iteration")
     axes[1].set_xlabel("training seconds (rollout + reward + update)")
-    axes[0].set_ylabel("reward (lines: rollout mean; squares: held-out)")
+    axes[0].set_ylabel("reward (bold: held-out prompts; faint: rollout mean)")
     axes[0].legend(fontsize=7)
     fig.suptitle("Training reward per run")
     fig.tight_layout()
