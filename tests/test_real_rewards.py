@@ -234,6 +234,26 @@ def test_clip_is_the_raw_cosine_of_the_models_features(clip_folder):
     torch.testing.assert_close(reward(gray, PROMPTS), reward(gray.repeat(1, 3, 1, 1), PROMPTS))
 
 
+def test_eval_and_the_hacking_gallery_score_with_clip(clip_folder, tmp_path):
+    """`egrpo eval` / `figures failures` with a configured real reward: its scores, per held-out sample."""
+    path, model, tokenizer = clip_folder
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat seven\na red dog three\n")
+    options = ["reward.clip=1", f"reward.clip.checkpoint={path}", "reward.clip.device=cpu", "reward.alignment=0"]
+    assert main(["eval", "base", *options, "--prompts", str(prompts), "--seeds", "2", "--out", str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "eval.json").read_text())["base"]
+    from egrpo.evaluation import generate
+
+    gen = generate("base", [*options, f"prompts.eval={prompts}", "eval.seeds_per_prompt=2"])
+    expected = _transformers_cosine(model, tokenizer, gen.images.repeat(1, 3, 1, 1), gen.prompts)
+    assert row["clip"] == pytest.approx(expected.mean().item(), abs=1e-5)
+    out = tmp_path / "failures.png"
+    args = ["figures", "failures", "base", "base", *options, "--reward", "clip", "--check", "alignment",
+            "--prompts", str(prompts), "--out", str(out)]
+    assert main(args) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["cases"] == []
+
+
 def test_pickscore_is_logit_scale_times_the_cosine(clip_folder, clip_tokenizer_dir):
     path, model, tokenizer = clip_folder
     reward = build("pickscore", checkpoint=str(path), tokenizer=str(clip_tokenizer_dir), device="cpu")
