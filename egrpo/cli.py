@@ -104,19 +104,29 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from egrpo.evaluation import run
-
+def _checkpoints_and_overrides(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Positional CHECKPOINT arguments mix checkpoints and key=value overrides; --prompts / --seeds are overrides."""
     checkpoints = [c for c in args.checkpoints if "=" not in c]
     overrides = [c for c in args.checkpoints if "=" in c]
     if not checkpoints:
         raise FileNotFoundError("name at least one checkpoint: a run directory, a .safetensors file, or 'base'")
     if args.prompts:
         overrides.append(f"prompts.eval={args.prompts}")
-    if args.seeds:
+    if getattr(args, "seeds", None):
         overrides.append(f"eval.seeds_per_prompt={args.seeds}")
-    labels = [l.strip() for l in args.labels.split(",")] if args.labels else None
-    rows = run(checkpoints, overrides, Path(args.out), labels)
+    return checkpoints, overrides
+
+
+def _labels(args: argparse.Namespace) -> list[str] | None:
+    text = getattr(args, "labels", None)
+    return [label.strip() for label in text.split(",")] if text else None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from egrpo.evaluation import run
+
+    checkpoints, overrides = _checkpoints_and_overrides(args)
+    rows = run(checkpoints, overrides, Path(args.out), _labels(args))
     from egrpo.evaluation import markdown_table
 
     print(markdown_table(rows), end="")
@@ -150,7 +160,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
     from egrpo import figures
 
     out = Path(args.out or f"figures/{args.figure}.png")
-    labels = [l.strip() for l in args.labels.split(",")] if getattr(args, "labels", None) else None
+    labels = _labels(args)
     if args.figure in ("entropy", "spread"):
         config = cfg.load(args.config or "embedded", args.overrides)
         if args.figure == "entropy":
@@ -162,14 +172,8 @@ def cmd_figures(args: argparse.Namespace) -> int:
     elif args.figure == "curves":
         figures.curves([Path(r) for r in args.runs], out, labels)
     else:
-        names = [c for c in args.checkpoints if "=" not in c]
-        overrides = [c for c in args.checkpoints if "=" in c]
-        if args.prompts:
-            overrides.append(f"prompts.eval={args.prompts}")
+        names, overrides = _checkpoints_and_overrides(args)
         if args.figure == "grid":
-            if not names:
-                raise FileNotFoundError("name at least one checkpoint: a run directory, a .safetensors file, or 'base'")
-            overrides.append(f"eval.seeds_per_prompt={args.seeds}")
             figures.grid(names, out, overrides, labels, args.rows)
         else:
             if len(names) != 2:

@@ -18,6 +18,7 @@ import torch
 
 from egrpo import config as cfg
 from egrpo.planner import make_plan
+from egrpo.policy import select
 from egrpo.rewards import WeightedReward
 from egrpo.rollout import sample_images
 from egrpo.tasks import Task, build_task
@@ -58,6 +59,12 @@ class Generated:
     images: torch.Tensor
 
 
+def same_samples(a: Generated, b: Generated) -> bool:
+    """Whether two checkpoints were sampled from the same prompts and initial noises (so pairs compare)."""
+    return (a.prompts == b.prompts and a.config.eval.seed == b.config.eval.seed
+            and a.images.shape == b.images.shape)
+
+
 def reference_run(checkpoints: Sequence[str]) -> str | None:
     """The first run directory among ``checkpoints``: 'base' takes its config (model, sampling, prompts)."""
     return next((c for c in checkpoints if (Path(c) / "config.yaml").is_file()), None)
@@ -72,15 +79,19 @@ def load_config(checkpoint: str, overrides: Sequence[str] = (), reference: str |
     return config
 
 
-def generate(checkpoint: str, overrides: Sequence[str] = (), reference: str | None = None) -> Generated:
-    """ODE samples of the held-out prompts, ``eval.seeds_per_prompt`` fixed seeds each."""
+def generate(
+    checkpoint: str, overrides: Sequence[str] = (), reference: str | None = None, limit: int | None = None
+) -> Generated:
+    """ODE samples of the held-out prompts, ``eval.seeds_per_prompt`` fixed seeds each (only the first
+    ``limit`` (prompt, seed) pairs when given: a figure's few rows need not sample 400 FLUX prompts)."""
     config = load_config(checkpoint, overrides, reference)
     task = build_task(config)
     ev = make_evaluation(task, config)
+    rows = torch.arange(len(ev.prompts) if limit is None else min(limit, len(ev.prompts)))
     plan = make_plan(**cfg.plan_kwargs(config))
     task.policy.model.eval()
-    images = sample_images(task.policy, ev.cond, ev.noise, plan.sigmas, config.train.max_batch)
-    return Generated(config=config, task=task, prompts=ev.prompts, images=images)
+    images = sample_images(task.policy, select(ev.cond, rows), ev.noise[rows], plan.sigmas, config.train.max_batch)
+    return Generated(config=config, task=task, prompts=ev.prompts[: len(rows)], images=images)
 
 
 def evaluate(checkpoint: str, overrides: Sequence[str] = (), reference: str | None = None) -> dict[str, float]:

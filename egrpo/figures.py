@@ -205,28 +205,30 @@ def grid(
     rows: int = 8,
 ) -> dict:
     """Rows: held-out (prompt, seed) pairs; columns: checkpoints; each cell captioned with its reward."""
-    from egrpo.evaluation import generate, reference_run
+    from egrpo.evaluation import generate, reference_run, same_samples
     from egrpo.rewards import WeightedReward
 
     if labels and len(labels) != len(checkpoints):
         raise cfg.ConfigError(f"--labels: {len(labels)} labels for {len(checkpoints)} checkpoints")
-    columns, prompts, reward = {}, None, None
+    columns, first = {}, None
     reference = reference_run(checkpoints)
     for k, checkpoint in enumerate(checkpoints):
-        gen = generate(checkpoint, overrides, reference)
-        if prompts is None:
-            prompts = gen.prompts
+        gen = generate(checkpoint, overrides, reference, limit=rows)
+        if first is None:
+            first = gen
             reward = WeightedReward(cfg.reward_specs(gen.config))
-        elif gen.prompts != prompts:
+        elif not same_samples(first, gen):
             raise cfg.ConfigError(
-                f"{checkpoint} evaluates other held-out samples (prompts x seeds) than {checkpoints[0]}; pass "
-                "--prompts FILE (and --seeds N) so every column sees the same ones"
+                f"{checkpoint} evaluates other held-out samples (prompts, seeds or image size) than "
+                f"{checkpoints[0]}; pass --prompts FILE (and --seeds N, key=value overrides) so every column sees the same"
             )
         label = labels[k] if labels else (checkpoint if checkpoint == "base" else _checkpoint_label(checkpoint))
-        n = min(rows, len(prompts))
-        scores, _ = reward.score(gen.images[:n], prompts[:n])
-        columns[label] = (gen.images[:n], scores.tolist())
-    n = min(rows, len(prompts))
+        if label in columns:
+            label = f"{label} ({k + 1})"
+        scores, _ = reward.score(gen.images, gen.prompts)
+        columns[label] = (gen.images, scores.tolist())
+    prompts = first.prompts
+    n = len(prompts)
     fig, axes = plt.subplots(n, len(columns), figsize=(1.25 * len(columns) + 1.6, 1.25 * n + 0.4), squeeze=False)
     for c, (label, (images, scores)) in enumerate(columns.items()):
         axes[0][c].set_title(label, fontsize=8)
@@ -240,7 +242,7 @@ def grid(
     terms = " + ".join(f"{w:g} {name}" for name, w in reward.weights.items() if w)
     fig.suptitle(f"same prompt and seed per row; below each image its reward ({terms})", fontsize=7)
     fig.tight_layout()
-    return _write(fig, out, {"prompts": prompts[:n], "rewards": {label: s for label, (_, s) in columns.items()}})
+    return _write(fig, out, {"prompts": prompts, "rewards": {label: s for label, (_, s) in columns.items()}})
 
 
 def _checkpoint_label(checkpoint: str) -> str:
@@ -269,14 +271,14 @@ def failures(
 
     Ranked by how far ``check`` fell. The JSON holds every such sample and the share of all samples.
     """
-    from egrpo.evaluation import generate, reference_run
+    from egrpo.evaluation import generate, reference_run, same_samples
 
     reference = reference_run([tuned, base])
     before, after = generate(base, overrides, reference), generate(tuned, overrides, reference)
-    if before.prompts != after.prompts:
+    if not same_samples(before, after):
         raise cfg.ConfigError(
-            f"{base} and {tuned} evaluate different held-out samples (prompts x seeds); pass --prompts FILE and "
-            "eval.seeds_per_prompt=N so the pairs match"
+            f"{base} and {tuned} evaluate different held-out samples (prompts, seeds or image size); pass "
+            "--prompts FILE and eval.seeds_per_prompt=N (and key=value overrides) so the pairs match"
         )
     prompts = before.prompts
     score = {name: _reward_fn(name, [after.config, before.config]) for name in (reward, check)}

@@ -105,3 +105,19 @@ def test_failures_finds_exactly_the_samples_whose_reward_rose_and_check_fell(run
                  "--prompts", str(runs["prompts"]), "--out", str(same)]) == 0
     assert _read(same)["cases"] == []
     assert main(["figures", "failures", "base", "--reward", "quality", "--check", "alignment"]) == 2
+
+
+def test_pairs_compare_only_when_prompts_seeds_and_shapes_agree():
+    import torch
+
+    from egrpo.evaluation import Generated, same_samples
+
+    def gen(prompts, seed=1234, size=8):
+        config = cfg.load("embedded", [f"eval.seed={seed}"])
+        return Generated(config=config, task=None, prompts=prompts, images=torch.zeros(len(prompts), 1, size, size))
+
+    a = gen(["digit: one", "digit: two"])
+    assert same_samples(a, gen(["digit: one", "digit: two"]))
+    assert not same_samples(a, gen(["digit: one", "digit: one"]))
+    assert not same_samples(a, gen(["digit: one", "digit: two"], seed=7))
+    assert not same_samples(a, gen(["digit: one", "digit: two"], size=16))
