@@ -1,9 +1,9 @@
 """``egrpo ablate``: the paper's ablations on the embedded task, several seeds per cell, same budget per cell.
 
 Sweeps (each a table of the paper): ``tau`` (Table 4), ``merge`` (fixed jump lengths 2 / 4 / 6 vs
-adaptive, Table 2) and ``steps`` (which steps are trained, Table 3). Every cell trains E-GRPO from
-the same base model for the same number of iterations with each seed, then evaluates on the held-out
-prompts; cells shared by several sweeps (tau 2.2 = adaptive = first 8) are trained once. The
+adaptive, Table 2), ``steps`` (which steps are trained, Table 3) and ``methods`` (E-GRPO and the
+baselines at the same iterations, Table 1). Every cell trains from the same base model for the same
+number of iterations with each seed, then evaluates on the held-out prompts; cells shared by several sweeps (tau 2.2 = adaptive = first 8) are trained once. The
 paper's HPS for the same setting on FLUX is printed beside each row for reference.
 """
 
@@ -20,8 +20,8 @@ from egrpo import config as cfg
 from egrpo.methods import build_method
 from egrpo.trainer import Trainer
 
-# (row label, config overrides, the paper's HPS for that row)
-SWEEPS: dict[str, list[tuple[str, list[str], float]]] = {
+# (row label, config overrides, the paper's HPS for that row, None where the paper has no such row)
+SWEEPS: dict[str, list[tuple[str, list[str], float | None]]] = {
     "tau": [
         ("tau 0", ["plan.tau=0"], 0.384),
         ("tau 1.8", ["plan.tau=1.8"], 0.383),
@@ -41,9 +41,20 @@ SWEEPS: dict[str, list[tuple[str, list[str], float]]] = {
         ("second 8", ["plan.active_steps=second-half"], 0.357),
         ("all 16", ["plan.active_steps=all"], 0.366),
     ],
+    # Table 1 (trained on HPS); the paper does not run Flow-GRPO or Flow-GRPO-Fast.
+    "methods": [
+        ("E-GRPO", [], 0.391),
+        ("G2RPO", ["method=g2rpo"], 0.385),
+        ("TempFlow-GRPO", ["method=tempflow"], 0.382),
+        ("MixGRPO", ["method=mixgrpo"], 0.378),
+        ("BranchGRPO", ["method=branchgrpo"], 0.358),
+        ("DanceGRPO", ["method=dancegrpo"], 0.353),
+        ("Flow-GRPO", ["method=flowgrpo"], None),
+        ("Flow-GRPO-Fast", ["method=flowgrpo-fast"], None),
+    ],
 }
 TABLE_NAMES = {"tau": "Table 4: entropy threshold tau", "merge": "Table 2: merge strategy",
-               "steps": "Table 3: trained steps"}
+               "steps": "Table 3: trained steps", "methods": "Table 1: methods, same iterations"}
 REPORTED = ("alignment", "judge_accuracy", "quality")
 
 
@@ -71,7 +82,8 @@ def markdown(sweep: str, rows: dict[str, dict], iterations: int, seeds: int) -> 
     ]
     for label, r in rows.items():
         cells = [f"{r[k][0]:.3f} ± {r[k][1]:.3f}" for k in REPORTED]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['network_calls']} | {r['paper_hps']:.3f} |")
+        paper = "-" if r["paper_hps"] is None else f"{r['paper_hps']:.3f}"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['network_calls']} | {paper} |")
     return "\n".join(lines) + "\n"
 
 

@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     abl = sub.add_parser("ablate", help="the paper's ablations (tau, merge strategy, trained steps) on the embedded task")
     abl.add_argument("overrides", nargs="*", help=overrides_help)
-    abl.add_argument("--sweeps", default="tau,merge,steps", help="comma-separated: tau, merge, steps")
+    abl.add_argument("--sweeps", default="tau,merge,steps",
+                     help="comma-separated: tau, merge, steps (default), methods (Table 1: every method)")
     abl.add_argument("--seeds", type=int, help="seeds per cell (default 3, quick 2)")
     abl.add_argument("--iterations", type=int, help="iterations per cell (default 20, quick 6)")
     abl.add_argument("--quick", action="store_true", help="reduced budget: 6 iterations x 2 seeds per cell")

@@ -69,3 +69,19 @@ def test_ablate_writes_each_table(tmp_path, eval_prompt_file):
 
     with pytest.raises(ConfigError, match="unknown sweep"):
         ablate(["nope"], 1, 1, tmp_path)
+
+
+def test_methods_table_marks_rows_the_paper_does_not_have():
+    from egrpo.ablation import SWEEPS, markdown
+
+    row = {"alignment": (0.9, 0.01), "judge_accuracy": (0.8, 0.02), "quality": (-4.0, 0.5), "network_calls": 100}
+    rows = {label: {**row, "paper_hps": paper} for label, _, paper in SWEEPS["methods"]}
+    lines = markdown("methods", rows, 20, 3).splitlines()
+    assert lines[0].startswith("Table 1: methods")
+    assert lines[4] == "| E-GRPO | 0.900 ± 0.010 | 0.800 ± 0.020 | -4.000 ± 0.500 | 100 | 0.391 |"
+    assert lines[-1].startswith("| Flow-GRPO-Fast |") and lines[-1].endswith("| 100 | - |")
+    # every method of the engine has a row
+    from egrpo.methods import METHODS
+
+    names = {cell[0].split("=")[1] if cell else "egrpo" for _, cell, _ in SWEEPS["methods"]}
+    assert names == set(METHODS)
