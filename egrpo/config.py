@@ -101,6 +101,10 @@ class TrainConfig:
     clip_range: float = 1e-4
     """PPO clip epsilon (paper: 1e-4)."""
     adv_clip: float = 5.0
+    reward_normalization: str = "total"
+    """'total': z-score the weighted sum of the rewards within each group (the paper). 'per_reward': z-score
+    each reward within the group, then take the weighted sum, so rewards on different scales (a z-score
+    beside a probability, HPS beside CLIP) weigh as their weights say."""
     max_grad_norm: float = 1.0
     kl_coef: float = 0.0
     """Weight of the KL to the frozen base model (paper: 0, no KL)."""
@@ -360,6 +364,8 @@ def validate(config: Config) -> None:
         (t.lr > 0, "train.lr must be > 0"),
         (t.clip_range > 0, "train.clip_range must be > 0"),
         (t.adv_clip > 0, "train.adv_clip must be > 0"),
+        (t.reward_normalization in ("total", "per_reward"),
+         f"train.reward_normalization must be 'total' or 'per_reward', got {t.reward_normalization!r}"),
         (t.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
         (t.kl_coef >= 0, "train.kl_coef must be >= 0"),
         (t.max_batch >= 1, "train.max_batch must be >= 1"),

@@ -40,6 +40,20 @@ def transition_advantages(
     return grouped_zscore(rewards, groups).sum(dim=1).clamp(-clip, clip)
 
 
+def per_reward_advantages(
+    parts: dict[str, torch.Tensor], weights: dict[str, float], leaves: torch.Tensor, groups: torch.Tensor,
+    reduce: str, clip: float,
+) -> torch.Tensor:
+    """``sum_k w_k z_k``, each reward k z-scored within the groups on its own, then clipped: a reward's
+    scale no longer decides its share of the advantage (method.md section 5, the optional variant)."""
+    total = sum(
+        weight * transition_advantages(parts[name], leaves, groups, reduce, float("inf"))
+        for name, weight in weights.items()
+        if weight
+    )
+    return total.clamp(-clip, clip)
+
+
 def ppo_clip_loss(
     log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, clip_range: float
 ) -> tuple[torch.Tensor, dict[str, float]]:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from egrpo import checkpoint as ckpt
 from egrpo.config import Config, ConfigError, reward_specs
 from egrpo.distributed import World
-from egrpo.grpo import grouped_std, kl_to_reference, ppo_clip_loss, transition_advantages
+from egrpo.grpo import grouped_std, kl_to_reference, per_reward_advantages, ppo_clip_loss, transition_advantages
 from egrpo.methods import build_method
 from egrpo.planner import RolloutPlan
 from egrpo.policy import Cond, select
@@ -142,9 +142,15 @@ class Trainer:
         t1 = time.perf_counter()
         rewards, anchor_rewards, parts = self._score(ro, prompts)
         t2 = time.perf_counter()
-        advantages = [
-            transition_advantages(rewards, ts.leaves, ts.groups, ro.reduce, cfg.adv_clip) for ts in ro.train_steps
-        ]
+        if cfg.reward_normalization == "per_reward":
+            advantages = [
+                per_reward_advantages(parts, self.reward.weights, ts.leaves, ts.groups, ro.reduce, cfg.adv_clip)
+                for ts in ro.train_steps
+            ]
+        else:
+            advantages = [
+                transition_advantages(rewards, ts.leaves, ts.groups, ro.reduce, cfg.adv_clip) for ts in ro.train_steps
+            ]
         update = self._update(ro, cond, advantages)
         t3 = time.perf_counter()
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from egrpo.grpo import grouped_zscore, kl_to_reference, ppo_clip_loss, transition_advantages
+from egrpo.grpo import grouped_zscore, kl_to_reference, per_reward_advantages, ppo_clip_loss, transition_advantages
 
 
 def test_group_z_scores_are_computed_within_each_group():
@@ -60,3 +60,19 @@ def test_kl_to_reference_closed_form():
     ref = torch.zeros(2, 4)
     std = torch.tensor([1.0, 2.0])
     assert kl_to_reference(mean, ref, std).item() == pytest.approx((0.5 + 0.125) / 2)
+
+
+def test_per_reward_normalisation_is_blind_to_each_rewards_scale():
+    g = torch.Generator().manual_seed(0)
+    leaves, groups = torch.arange(12)[:, None], torch.arange(12) // 4
+    a, b = torch.randn(12, generator=g), torch.rand(12, generator=g)
+    weights = {"a": 1.0, "b": 0.5, "unused": 0.0}
+    adv = per_reward_advantages({"a": a, "b": b, "unused": b}, weights, leaves, groups, "mean", clip=5.0)
+    expected = transition_advantages(a, leaves, groups, "mean", 99) + 0.5 * transition_advantages(b, leaves, groups, "mean", 99)
+    assert torch.allclose(adv, expected, atol=1e-6)
+    # Scaling or shifting one reward leaves the advantages alone (a weighted total would be dominated by it).
+    scaled = per_reward_advantages({"a": 100 * a - 3, "b": b, "unused": b}, weights, leaves, groups, "mean", clip=5.0)
+    assert torch.allclose(adv, scaled, atol=1e-5)
+    # With one reward it is the ordinary group z-score.
+    single = per_reward_advantages({"a": a}, {"a": 1.0}, leaves, groups, "mean", clip=5.0)
+    assert torch.equal(single, transition_advantages(a, leaves, groups, "mean", clip=5.0))

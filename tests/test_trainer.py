@@ -71,6 +71,23 @@ def test_kl_term_is_logged_and_zero_on_the_first_step(tmp_path, tiny_overrides):
     assert metrics["first_ratio_max_dev"] == 0.0
 
 
+def test_per_reward_normalisation_equals_the_total_for_one_reward_and_differs_for_two(tmp_path, tiny_overrides):
+    def weights_after_one_iteration(name, *extra):
+        trainer = Trainer(_config(tmp_path, tiny_overrides, name, extra=list(extra)), progress=False)
+        trainer.iteration(0)
+        return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    per_reward = "train.reward_normalization=per_reward"
+    assert same(weights_after_one_iteration("total"), weights_after_one_iteration("per", per_reward))
+    two = "reward.quality=1"
+    assert not same(weights_after_one_iteration("total2", two), weights_after_one_iteration("per2", two, per_reward))
+    with pytest.raises(cfg.ConfigError, match="reward_normalization must be 'total' or 'per_reward'"):
+        _config(tmp_path, tiny_overrides, "bad", extra=["train.reward_normalization=zscore"])
+
+
 def test_cli_train_writes_the_run_directory_and_sample_reads_it(tmp_path, tiny_overrides, capsys):
     run = tmp_path / "cli"
     assert main(["train", *tiny_overrides, f"output_dir={run}", "train.iterations=2", "--no-progress"]) == 0
