@@ -50,9 +50,14 @@ figures: $(VENV)/.installed
 		--labels $(LABELS)
 	$(EGRPO) train --no-progress reward.alignment=0 reward.quality=1 train.iterations=30 output_dir=$(RUNS)/quality-only
 	$(EGRPO) train --no-progress reward.alignment=4 reward.quality=1 train.iterations=30 output_dir=$(RUNS)/quality+alignment
+	$(EGRPO) train --no-progress reward.alignment=1 reward.quality=1 train.reward_normalization=per_reward \
+		train.iterations=30 output_dir=$(RUNS)/quality+alignment-per-reward
 	$(EGRPO) figures failures base $(RUNS)/quality-only --reward quality --check alignment --out $(FIGS)/failures.png
 	$(EGRPO) figures failures base $(RUNS)/quality+alignment --reward quality --check alignment \
 		--out $(FIGS)/failures-counterbalanced.png
-	$(EGRPO) eval base $(RUNS)/quality-only $(RUNS)/quality+alignment --out docs/results/hacking \
-		--labels "base,quality only,quality + 4 alignment"
+	$(EGRPO) figures failures base $(RUNS)/quality+alignment-per-reward --reward quality --check alignment \
+		--out $(FIGS)/failures-per-reward.png
+	$(EGRPO) eval base $(RUNS)/quality-only $(RUNS)/quality+alignment $(RUNS)/quality+alignment-per-reward \
+		--out docs/results/hacking \
+		--labels "base,quality only,quality + 4 alignment,quality + alignment (per-reward z-scores)"
 	$(PY) tools/sync_readme.py
