@@ -94,11 +94,23 @@ def generate(
     return Generated(config=config, task=task, prompts=ev.prompts[: len(rows)], images=images)
 
 
-def evaluate(checkpoint: str, overrides: Sequence[str] = (), reference: str | None = None) -> dict[str, float]:
-    """Held-out metrics of one checkpoint (a run directory, a weights file, or 'base')."""
+def evaluate(
+    checkpoint: str, overrides: Sequence[str] = (), reference: str | None = None,
+    rewards: dict[str, WeightedReward] | None = None,
+) -> dict[str, float]:
+    """Held-out metrics of one checkpoint (a run directory, a weights file, or 'base').
+
+    ``rewards`` caches reward models by their config across calls: HPS or ImageReward load once for a
+    whole table, not once per checkpoint.
+    """
     gen = generate(checkpoint, overrides, reference)
     config, images = gen.config, gen.images
-    total, parts = WeightedReward(cfg.reward_specs(config)).score(images, gen.prompts)
+    specs = cfg.reward_specs(config)
+    key = json.dumps(specs, sort_keys=True, default=str)
+    cache = {} if rewards is None else rewards
+    if key not in cache:
+        cache[key] = WeightedReward(specs)
+    total, parts = cache[key].score(images, gen.prompts)
     metrics = {name: values.mean().item() for name, values in parts.items()}
     if gen.task.metrics is not None:
         metrics.update(gen.task.metrics(images, gen.prompts))
@@ -128,7 +140,10 @@ def run(
     if labels and len(labels) != len(checkpoints):
         raise cfg.ConfigError(f"--labels: {len(labels)} labels for {len(checkpoints)} checkpoints")
     reference = reference_run(checkpoints)
-    rows = {label: evaluate(name, overrides, reference) for name, label in zip(checkpoints, labels or checkpoints)}
+    rewards: dict[str, WeightedReward] = {}
+    rows = {
+        label: evaluate(name, overrides, reference, rewards) for name, label in zip(checkpoints, labels or checkpoints)
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(rows, indent=2))
     (out / "eval.md").write_text(markdown_table(rows))

@@ -85,3 +85,20 @@ def test_methods_table_marks_rows_the_paper_does_not_have():
 
     names = {cell[0].split("=")[1] if cell else "egrpo" for _, cell, _ in SWEEPS["methods"]}
     assert names == set(METHODS)
+
+
+def test_reward_models_load_once_per_table(tmp_path, eval_prompt_file, monkeypatch):
+    import egrpo.evaluation as evaluation
+
+    built = []
+    real = evaluation.WeightedReward
+
+    def counting(specs):
+        built.append(specs)
+        return real(specs)
+
+    monkeypatch.setattr(evaluation, "WeightedReward", counting)
+    rows = evaluation.run(["base", "base"], [f"prompts.eval={eval_prompt_file}", "eval.seeds_per_prompt=1"],
+                          tmp_path, labels=["first", "second"])
+    assert len(built) == 1
+    assert rows["first"] == rows["second"]
