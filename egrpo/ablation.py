@@ -3,8 +3,9 @@
 Sweeps (each a table of the paper): ``tau`` (Table 4), ``merge`` (fixed jump lengths 2 / 4 / 6 vs
 adaptive, Table 2), ``steps`` (which steps are trained, Table 3) and ``methods`` (E-GRPO and the
 baselines at the same iterations, Table 1). Every cell trains from the same base model for the same
-number of iterations with each seed, then evaluates on the held-out prompts; cells shared by several sweeps (tau 2.2 = adaptive = first 8) are trained once. The
-paper's HPS for the same setting on FLUX is printed beside each row for reference.
+number of iterations with each seed, then evaluates on the held-out prompts; cells shared by several
+sweeps (tau 2.2 = adaptive = first 8) are trained once. The paper's HPS for the same setting on
+FLUX is printed beside each row for reference.
 """
 
 from __future__ import annotations

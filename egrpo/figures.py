@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -164,15 +165,13 @@ def curves(runs: Sequence[Path], out: Path, labels: Sequence[str] | None = None)
         label = labels[k] if labels else _run_label(run)
         if label in data:
             label = f"{label} ({run.name})"
-        seconds = [sum(r["seconds"] for r in records[: j + 1]) for j in range(len(records))]
+        seconds = list(itertools.accumulate(r["seconds"] for r in records))
         summary_file = run / "summary.json"
-        held_out = []
-        if summary_file.is_file():
-            summary = json.loads(summary_file.read_text())
-            held_out.append((0, 0.0, summary["base"].get("reward")))
-        held_out += [(r["iteration"], seconds[j], r["eval"].get("reward")) for j, r in enumerate(records) if "eval" in r]
-        if summary_file.is_file():
-            held_out.append((records[-1]["iteration"], seconds[-1], summary["final"].get("reward")))
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+        held_out = [(r["iteration"], seconds[j], r["eval"].get("reward")) for j, r in enumerate(records) if "eval" in r]
+        if summary:  # a finished run: its base and final evaluations bracket the curve
+            held_out = [(0, 0.0, summary["base"].get("reward")), *held_out,
+                        (records[-1]["iteration"], seconds[-1], summary["final"].get("reward"))]
         data[label] = {
             "iteration": [r["iteration"] for r in records],
             "seconds": seconds,
