@@ -63,12 +63,20 @@ def make_evaluation(task: Task, config: Config) -> Evaluation:
 
 
 class Trainer:
-    def __init__(self, config: Config, run_dir: Path | None = None, resume: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        config: Config,
+        run_dir: Path | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        task: Task | None = None,
+    ):
+        """``task``: a task built by the caller (e.g. a policy assembled in memory) instead of ``build_task(config)``."""
         self.config = config
         self.progress = progress
         # Join the process group first: it pins this rank's CUDA device before any weights load.
         self.world = World.from_env(config.train.distributed)
-        self.task = build_task(config)
+        self.task = task if task is not None else build_task(config)
         self.policy = self.task.policy
         self.method = build_method(config)
         self.plan: RolloutPlan = self.method.plan
