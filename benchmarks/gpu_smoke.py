@@ -1,14 +1,30 @@
-"""GPU smoke test of the FLUX adapter: a few E-GRPO iterations through the real Trainer, no downloads.
+"""GPU smoke test of the FLUX adapter: E-GRPO iterations through the real Trainer, no downloads.
 
-Builds a mid-size FLUX-architecture transformer from config (8 double + 8 single blocks, 8 heads x 128
-= 1024 wide, ~0.4B parameters), a small VAE with FLUX's 8x downsampling and 16 latent channels, and
-random text embeddings of FLUX's shape (512 T5 tokens x 4096, CLIP pooled 768); saves them as a
-diffusers-style folder and an embedding cache, then trains with the paper's rollout (720x720, T 16,
-G 12, tau 2.2 over the first 8 steps) in bf16 with gradient checkpointing and full fine-tuning.
-Prints seconds per iteration and peak GPU memory as JSON (also written to --out).
+Default (mid size): builds a FLUX-architecture transformer from config (8 double + 8 single blocks,
+8 heads x 128 = 1024 wide, ~0.4B parameters), a small VAE with FLUX's 8x downsampling and 16 latent
+channels, and random text embeddings of FLUX's shape (512 T5 tokens x 4096, CLIP pooled 768); saves
+them as a diffusers-style folder and an embedding cache, then trains with the paper's rollout
+(720x720, T 16, G 12, tau 2.2 over the first 8 steps) in bf16 with gradient checkpointing and full
+fine-tuning. Prints seconds per iteration and peak GPU memory as JSON (also written to --out).
 
-    python benchmarks/gpu_smoke.py --out smoke.json             # on a GPU
-    python benchmarks/gpu_smoke.py --device cpu --tiny          # a tiny run that proves the path on a CPU
+--flux-dev-size: the true FLUX.1-dev transformer (19 double + 38 single blocks, 24 heads x 128,
+11.9B parameters) and VAE (83.8M), random weights built directly on the GPU in bf16 (no save and
+reload of 24 GB), trained with LoRA (rank 32) and gradient checkpointing, 720x720, T 16, G 12, one
+prompt. A full iteration of the paper's plan pushes 1,020 latents through the network, so this mode
+times ONE iteration of a reduced plan (the first 2 steps branch) after a one-call warm-up, replays
+the same network calls alone (no-grad forwards for the rollout, forward + backward for the update;
+iteration / replay is the engine's overhead), and extrapolates the full plan's seconds per network
+call (the reward per decoded image) from the planner's counts. Under 5 minutes on one H100.
+
+    python benchmarks/gpu_smoke.py --out smoke.json                          # mid size, on a GPU
+    python benchmarks/gpu_smoke.py --flux-dev-size --out flux_dev.json       # FLUX.1-dev size, on a GPU
+    python benchmarks/gpu_smoke.py --device cpu --tiny [--flux-dev-size]     # a tiny model: either path on a CPU
+
+On an offline GPU machine without diffusers, install its pure-Python wheel (pip download --no-deps
+diffusers==0.42.1; it imports huggingface_hub >= 1.32, so bring that wheel too where the machine's is older):
+
+    pip install --no-index --no-deps --target /tmp/site WHEELS
+    PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_smoke.py --flux-dev-size --out flux_dev.json
 """
 
 from __future__ import annotations
@@ -18,6 +34,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -25,95 +42,120 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from egrpo import config as cfg  # noqa: E402
+from egrpo.methods import build_method  # noqa: E402
 from egrpo.models.text_cache import write_cache  # noqa: E402
+from egrpo.policy import select  # noqa: E402
 from egrpo.trainer import Trainer  # noqa: E402
 
 MID = dict(
     transformer=dict(num_layers=8, num_single_layers=8, num_attention_heads=8, attention_head_dim=128,
                      in_channels=64, joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56)),
-    vae=dict(block_out_channels=(32, 32, 32, 32), latent_channels=16, norm_num_groups=8),
+    vae=dict(block_out_channels=(32, 32, 32, 32), latent_channels=16, norm_num_groups=8, layers_per_block=1),
     text_tokens=512, resolution=720, num_steps=16, group_size=12, active_steps="first-half", max_batch=24,
+)
+# FLUX.1-dev's published transformer/config.json and vae/config.json.
+FLUX_DEV = dict(
+    transformer=dict(num_layers=19, num_single_layers=38, num_attention_heads=24, attention_head_dim=128,
+                     in_channels=64, joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56)),
+    vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=16, norm_num_groups=32, layers_per_block=2,
+             use_quant_conv=False, use_post_quant_conv=False),
+    text_tokens=512, resolution=720, num_steps=16, group_size=12, active_steps="first-half", max_batch=24,
+    measured_steps="first:2",
 )
 TINY = dict(
     transformer=dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
                      in_channels=16, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)),
-    vae=dict(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4),
+    vae=dict(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, layers_per_block=1),
     text_tokens=8, resolution=32, num_steps=4, group_size=2, active_steps="first:2", max_batch=24,
+    measured_steps="first:1",
 )
+TRAIN_PROMPTS = [f"smoke prompt {i}" for i in range(8)]
+EVAL_PROMPTS = ["held-out prompt"]
 
 
-def build_pipeline(root: Path, size: dict, prompts: list[str]) -> None:
-    """A FLUX transformer and VAE from config, saved where FluxPolicy.load finds them, and random embeddings."""
+def build_modules(size: dict, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """A FLUX transformer (weights in ``dtype``) and VAE (fp32, as FluxPolicy.load reads it) from config with
+    random weights, created on ``device``: a 12B transformer never exists in fp32 or on the CPU."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(patch_size=1, guidance_embeds=True, **size["transformer"])
-    transformer.save_pretrained(root / "transformer")
     blocks = len(size["vae"]["block_out_channels"])
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * blocks,
-        up_block_types=("UpDecoderBlock2D",) * blocks,
-        layers_per_block=1,
-        scaling_factor=0.3611,  # FLUX.1-dev's VAE constants
-        shift_factor=0.1159,
-        **size["vae"],
-    ).save_pretrained(root / "vae")
+    with torch.device(device):
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * blocks,
+            up_block_types=("UpDecoderBlock2D",) * blocks,
+            scaling_factor=0.3611,  # FLUX.1-dev's VAE constants
+            shift_factor=0.1159,
+            **size["vae"],
+        )
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            transformer = FluxTransformer2DModel(patch_size=1, guidance_embeds=True, **size["transformer"])
+        finally:
+            torch.set_default_dtype(previous)
+    return transformer, vae
+
+
+def write_prompts(root: Path, size: dict) -> None:
+    """Prompt files and their random text embeddings (bf16, as ``egrpo preprocess`` writes them on a GPU)."""
+    prompts = TRAIN_PROMPTS + EVAL_PROMPTS
     width, pooled = size["transformer"]["joint_attention_dim"], size["transformer"]["pooled_projection_dim"]
     rows = (torch.randn(len(prompts), size["text_tokens"], width), torch.randn(len(prompts), pooled))
     write_cache(root / "cache.safetensors", "flux", prompts, [tuple(t.to(torch.bfloat16) for t in rows)])
+    (root / "train.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
+    (root / "eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
-    parser.add_argument("--tiny", action="store_true", help="a tiny model and 32x32 images (for CPU tests)")
-    parser.add_argument("--iterations", type=int, default=3, help="E-GRPO iterations; the first is a warm-up")
-    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (default 0: full fine-tuning)")
-    parser.add_argument("--out", help="also write the JSON result here")
-    args = parser.parse_args(argv)
-    size = TINY if args.tiny else MID
-    cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        parser.error("no CUDA device; use --device cpu --tiny")
+def overrides(root: Path, size: dict, device: str, lora_rank: int, active_steps: str, iterations: int) -> list[str]:
+    return [
+        "reward={jpeg_compressibility: 1.0}",
+        "model.kind=flux", f"model.pretrained={root}", f"model.embedding_cache={root / 'cache.safetensors'}",
+        f"model.height={size['resolution']}", f"model.width={size['resolution']}", f"model.device={device}",
+        "model.dtype=bfloat16", "model.gradient_checkpointing=true", f"model.lora_rank={lora_rank}",
+        f"sampling.num_steps={size['num_steps']}", f"plan.active_steps={active_steps}",
+        f"train.group_size={size['group_size']}", "train.prompts_per_iteration=1",
+        f"train.max_batch={size['max_batch']}", f"train.iterations={iterations}",
+        f"prompts.train={root / 'train.txt'}", f"prompts.eval={root / 'eval.txt'}", f"output_dir={root / 'run'}",
+    ]
 
+
+def synchronizer(cuda: bool):
+    return torch.cuda.synchronize if cuda else (lambda: None)
+
+
+def mid_run(args, size: dict, cuda: bool) -> dict:
+    """Iterations of the plan in full, from a pipeline saved to disk and loaded as a user's would be."""
+    iterations = 3 if args.iterations is None else args.iterations
+    sync = synchronizer(cuda)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        train = [f"smoke prompt {i}" for i in range(8)]
-        held = ["held-out prompt"]
-        build_pipeline(root, size, train + held)
-        (root / "train.txt").write_text("\n".join(train) + "\n")
-        (root / "eval.txt").write_text("\n".join(held) + "\n")
-        config = cfg.load(None, [
-            "reward={jpeg_compressibility: 1.0}",
-            "model.kind=flux", f"model.pretrained={root}", f"model.embedding_cache={root / 'cache.safetensors'}",
-            f"model.height={size['resolution']}", f"model.width={size['resolution']}", f"model.device={args.device}",
-            "model.dtype=bfloat16", "model.gradient_checkpointing=true", f"model.lora_rank={args.lora_rank}",
-            f"sampling.num_steps={size['num_steps']}", f"plan.active_steps={size['active_steps']}",
-            f"train.group_size={size['group_size']}", "train.prompts_per_iteration=1",
-            f"train.max_batch={size['max_batch']}", f"train.iterations={args.iterations}",
-            f"prompts.train={root / 'train.txt'}", f"prompts.eval={root / 'eval.txt'}", f"output_dir={root / 'run'}",
-        ])
+        transformer, vae = build_modules(size)
+        transformer.save_pretrained(root / "transformer")
+        vae.save_pretrained(root / "vae")
+        del transformer, vae
+        write_prompts(root, size)
+        lora = args.lora_rank or 0
+        config = cfg.load(None, overrides(root, size, args.device, lora, size["active_steps"], iterations))
         trainer = Trainer(config, progress=False)
+        sync()
         if cuda:
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         runs = []
-        for it in range(args.iterations):
+        for it in range(iterations):
             runs.append(trainer.iteration(it))
-            if cuda:
-                torch.cuda.synchronize()
+            sync()
 
     timed = runs[1:] or runs  # the first iteration pays for kernel selection and allocator growth
-    params = sum(p.numel() for p in trainer.model.parameters())
-    result = {
+    return {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "size": "tiny" if args.tiny else "mid",
-        "transformer_params": params,
+        "transformer_params": sum(p.numel() for p in trainer.model.parameters()),
         "trained_params": sum(p.numel() for p in trainer.params),
         "resolution": size["resolution"],
         "image_tokens": trainer.policy.latent_shape[0],
         "text_tokens": size["text_tokens"],
-        "iterations": args.iterations,
+        "iterations": iterations,
         "seconds_per_iteration": statistics.mean(m["seconds"] for m in timed),
         "seconds_first_iteration": runs[0]["seconds"],
         "seconds_split": {
@@ -123,6 +165,177 @@ def main(argv: list[str] | None = None) -> int:
         "first_ratio_max_dev": runs[0]["first_ratio_max_dev"],
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }
+
+
+# ---- --flux-dev-size ------------------------------------------------------------------------------
+class CallRecorder:
+    """Wraps ``policy.velocity`` and logs (batch size, with gradient) of each call. It waits for each call's GPU
+    work, so the trainer's phase clocks charge it to the phase that queued it (the launch queue runs ahead)."""
+
+    def __init__(self, policy, sync):
+        self.inner = policy.velocity
+        self.sync = sync
+        self.calls: list[tuple[int, bool]] = []
+        policy.velocity = self
+
+    def __call__(self, x, sigma, cond, reference=False):
+        out = self.inner(x, sigma, cond, reference=reference)
+        self.sync()
+        self.calls.append((x.shape[0], torch.is_grad_enabled() and not reference))
+        return out
+
+
+def replay(trainer: Trainer, velocity, calls: list[tuple[int, bool]], sync) -> dict[str, float]:
+    """The recorded calls alone on random inputs of the same shapes: rollout calls as no-grad forwards, update
+    calls as forward + backward. Seconds of each part, only the calls on the clock."""
+    policy, cond_all = trainer.policy, trainer.train_cond
+    available = next(iter(cond_all.values())).shape[0]
+    seconds = {"rollout": 0.0, "update": 0.0}
+    for batch, grad in calls:
+        cond = select(cond_all, torch.arange(batch) % available)
+        x = torch.randn((batch, *policy.latent_shape), device=policy.device)
+        sigma = torch.rand(batch, device=policy.device)
+        trainer.model.train(grad)  # as the trainer: eval in the rollout, train in the update
+        sync()
+        start = time.perf_counter()
+        if grad:
+            velocity(x, sigma, cond).square().mean().backward()
+        else:
+            with torch.no_grad():
+                velocity(x, sigma, cond)
+        sync()
+        seconds["update" if grad else "rollout"] += time.perf_counter() - start
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return seconds
+
+
+def warm_up(trainer: Trainer) -> None:
+    """One forward + backward, one no-grad forward and one decode at batch 1: CUDA context, kernels, allocator."""
+    policy = trainer.policy
+    cond = select(trainer.train_cond, torch.zeros(1, dtype=torch.long))
+    x = torch.randn((1, *policy.latent_shape), device=policy.device)
+    sigma = torch.full((1,), 0.5, device=policy.device)
+    trainer.model.train()
+    policy.velocity(x, sigma, cond).square().mean().backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.model.eval()
+    with torch.no_grad():
+        policy.decode(policy.velocity(x, sigma, cond))
+
+
+def plan_counts(config: cfg.Config) -> dict:
+    """What an E-GRPO iteration of ``config`` does, counted by the planner without running it."""
+    plan = build_method(config).plan
+    p, g = config.train.prompts_per_iteration, config.train.group_size
+    calls = plan.network_calls_per_prompt(g)
+    return {
+        "active_steps": plan.active_steps,
+        "merge_lengths": plan.merge_lengths,
+        "network_calls": {"rollout": p * (calls["anchor"] + calls["branch_completion"]), "update": p * calls["update"]},
+        "decoded_images": p * (len(plan.branches) * g + 1),  # every branch sample, and the anchor
+    }
+
+
+def flux_dev_run(args, size: dict, cuda: bool) -> dict:
+    """One timed iteration of a reduced plan on a policy assembled in memory, extrapolated to the full plan."""
+    from egrpo.models.flux import FluxPolicy
+    from egrpo.models.text_cache import EmbeddingCache, resolve_device
+    from egrpo.tasks import Task
+
+    sync = synchronizer(cuda)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_prompts(root, size)
+        lora = 32 if args.lora_rank is None else args.lora_rank
+        config = cfg.load(None, overrides(root, size, args.device, lora, size["measured_steps"], 1))
+        full = cfg.load(None, overrides(root, size, args.device, lora, size["active_steps"], 1))
+        transformer, vae = build_modules(size, resolve_device(args.device), FluxPolicy.weight_dtype(config.model))
+        policy = FluxPolicy(config.model, transformer, vae, EmbeddingCache(root / "cache.safetensors"))
+        task = Task(policy=policy, train_prompts=TRAIN_PROMPTS, eval_prompts=EVAL_PROMPTS)
+        trainer = Trainer(config, task=task, progress=False)
+        sync()
+        built = time.perf_counter()
+        warm_up(trainer)
+        sync()
+        warmed = time.perf_counter()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        recorder = CallRecorder(policy, sync)
+        metrics = trainer.iteration(0)
+        peak = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30) if cuda else None
+        replayed = replay(trainer, recorder.inner, recorder.calls, sync)
+    finished = time.perf_counter()
+
+    measured, planned = plan_counts(config), plan_counts(full)
+    seconds = {part: metrics[f"seconds_{part}"] for part in ("rollout", "reward", "update")}
+    # Each phase scales with what it repeats: network calls (rollout, update) or decoded images (reward).
+    scale = {
+        "rollout": planned["network_calls"]["rollout"] / measured["network_calls"]["rollout"],
+        "reward": planned["decoded_images"] / measured["decoded_images"],
+        "update": planned["network_calls"]["update"] / measured["network_calls"]["update"],
+    }
+    extrapolated = {part: seconds[part] * scale[part] for part in seconds}
+    network_alone = {part: replayed[part] * scale[part] for part in replayed}
+    return {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "size": "tiny" if args.tiny else "flux-dev",
+        "transformer_params": sum(p.numel() for p in trainer.model.parameters()),
+        "trained_params": sum(p.numel() for p in trainer.params),
+        "lora_rank": lora,
+        "resolution": size["resolution"],
+        "image_tokens": policy.latent_shape[0],
+        "text_tokens": size["text_tokens"],
+        "group_size": size["group_size"],
+        "seconds_build": built - started,
+        "seconds_warmup": warmed - built,
+        "seconds_total": finished - started,  # after imports: build, warm-up, the iteration, its replay
+        "extrapolated": True,
+        "measured_plan": {
+            **measured,
+            "trainer_network_calls": metrics["network_calls"],
+            "seconds": {**seconds, "iteration": metrics["seconds"]},
+            "network_alone_seconds": replayed,
+        },
+        "full_plan": {
+            **planned,
+            "seconds": {**extrapolated, "iteration": sum(extrapolated.values())},
+            "network_alone_seconds": network_alone,
+        },
+        "latents_per_second": measured["network_calls"]["rollout"] / seconds["rollout"],
+        "seconds_per_latent_forward": replayed["rollout"] / measured["network_calls"]["rollout"],
+        "iteration_over_network": metrics["seconds"] / sum(replayed.values()),
+        "peak_memory_allocated_gib": peak[0] if peak else None,
+        "peak_memory_reserved_gib": peak[1] if peak else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model and 32x32 images (for CPU tests)")
+    parser.add_argument("--flux-dev-size", action="store_true",
+                        help="FLUX.1-dev's transformer and VAE, LoRA, one timed iteration of a reduced plan")
+    parser.add_argument("--iterations", type=int,
+                        help="E-GRPO iterations of the mid size (default 3; the first is a warm-up)")
+    parser.add_argument("--lora-rank", type=int,
+                        help="LoRA rank (default 0, full fine-tuning; 32 with --flux-dev-size)")
+    parser.add_argument("--out", help="also write the JSON result here")
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        parser.error("no CUDA device; use --device cpu --tiny")
+    if args.flux_dev_size:
+        if args.iterations is not None:
+            parser.error("--flux-dev-size times one iteration of a reduced plan; --iterations is for the mid size")
+        if args.lora_rank == 0 and not args.tiny:
+            parser.error("--flux-dev-size needs LoRA: full fine-tuning of 12B parameters (fp32 weights, gradients "
+                         "and Adam moments, ~190 GB) does not fit one GPU")
+        if not cuda and not args.tiny:
+            parser.error("--flux-dev-size on a CPU needs --tiny")
+        result = flux_dev_run(args, TINY if args.tiny else FLUX_DEV, cuda)
+    else:
+        result = mid_run(args, TINY if args.tiny else MID, cuda)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -36,3 +36,24 @@ def test_compare_methods_writes_json_table_and_plot(tmp_path, eval_prompt_file):
     table = Path(f"{out}.md").read_text()
     assert "| egrpo |" in table and "| flowgrpo |" in table
     assert Path(f"{out}.png").stat().st_size > 1000
+
+
+def test_gpu_smoke_flux_dev_path_extrapolates_a_reduced_plan(tmp_path):
+    out = tmp_path / "flux_dev.json"
+    assert _load("gpu_smoke").main(["--flux-dev-size", "--device", "cpu", "--tiny", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    measured, full = result["measured_plan"], result["full_plan"]
+    assert result["extrapolated"] and result["size"] == "tiny" and result["device"] == "cpu"
+    assert 0 < result["trained_params"] < result["transformer_params"]  # LoRA adapters only
+    assert measured["trainer_network_calls"] == sum(measured["network_calls"].values())
+    assert len(full["active_steps"]) > len(measured["active_steps"])
+    for part in ("rollout", "update"):
+        assert full["network_calls"][part] > measured["network_calls"][part]
+        assert full["network_alone_seconds"][part] >= measured["network_alone_seconds"][part] > 0
+    assert full["decoded_images"] > measured["decoded_images"]
+    for part in ("rollout", "reward", "update", "iteration"):
+        assert full["seconds"][part] >= measured["seconds"][part] > 0
+    assert abs(sum(full["seconds"][p] for p in ("rollout", "reward", "update")) - full["seconds"]["iteration"]) < 1e-9
+    assert result["iteration_over_network"] > 0 and result["latents_per_second"] > 0
+    assert result["seconds_total"] > result["seconds_build"] + result["seconds_warmup"] > 0
+    assert result["peak_memory_allocated_gib"] is None  # CPU
