@@ -1,7 +1,9 @@
-"""Atomic checkpoints: model and optimizer in safetensors, trainer state in JSON.
+"""Atomic checkpoints: model and optimizer in safetensors (one process, DDP) or as
+``torch.distributed.checkpoint`` shards that each FSDP rank writes and reads by itself; trainer state in JSON.
 
 A checkpoint is written into a temporary directory and renamed into place, then the ``latest``
 pointer is replaced atomically: a crash or Ctrl-C at any moment leaves the previous checkpoint whole.
+This module knows nothing about the model: it stores the state dicts it is handed.
 """
 
 from __future__ import annotations
@@ -44,8 +46,13 @@ def save_weights(path: Path, tensors: dict[str, torch.Tensor], arch: dict) -> No
 
 
 def read_weights(path: Path, module: torch.nn.Module, arch: dict) -> dict[str, torch.Tensor]:
-    """Tensors saved by :func:`save_weights`, checked against ``module``: another architecture is refused."""
+    """Tensors saved by :func:`save_weights` (or the model of a sharded checkpoint directory, read whole in
+    this process), checked against ``module``: another architecture is refused."""
     path = Path(path)
+    if path.is_dir() and is_sharded(path):
+        tensors = {k: torch.empty_like(v, device="cpu") for k, v in trainable_state(module).items()}
+        load_sharded_checkpoint(path, {"model": tensors}, arch)
+        return tensors
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
     try:
@@ -100,19 +107,13 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: dict) -> dict
     return {"state": state, "param_groups": groups["param_groups"]}
 
 
-def save_checkpoint(
-    run_dir: Path, iteration: int, tensors: dict[str, torch.Tensor], arch: dict, optimizer_state: dict, state: dict
-) -> Path:
+def _paths(run_dir: Path, iteration: int) -> tuple[Path, Path, Path]:
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"iter-{iteration:06d}"
-    tmp = root / f".iter-{iteration:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_weights(tmp / "model.safetensors", tensors, arch)
-    opt_tensors, groups = _flatten_optimizer(optimizer_state)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "optimizer": groups, **state}))
+    return root, root / f"iter-{iteration:06d}", root / f".iter-{iteration:06d}.tmp"
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> Path:
+    """Rename the finished temporary directory into place, point ``latest`` at it, drop older checkpoints."""
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     atomic_write_text(root / "latest", final.name)
@@ -120,6 +121,72 @@ def save_checkpoint(
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_checkpoint(
+    run_dir: Path, iteration: int, tensors: dict[str, torch.Tensor], arch: dict, optimizer_state: dict, state: dict
+) -> Path:
+    root, final, tmp = _paths(run_dir, iteration)
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_weights(tmp / "model.safetensors", tensors, arch)
+    opt_tensors, groups = _flatten_optimizer(optimizer_state)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "optimizer": groups, **state}))
+    return _publish(root, tmp, final)
+
+
+SHARDED_FORMAT = "dcp"
+
+
+def save_sharded_checkpoint(
+    run_dir: Path, iteration: int, shards: dict, arch: dict, state: dict, is_main: bool, barrier
+) -> Path:
+    """Every rank writes its own shards of ``shards`` ({"model": ..., "optimizer": ...}, sharded state dicts)
+    with DCP; a collective. Rank 0 then adds the trainer state and publishes the directory."""
+    import torch.distributed.checkpoint as dcp
+
+    root, final, tmp = _paths(run_dir, iteration)
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    dcp.save(shards, checkpoint_id=str(tmp))
+    barrier()
+    if is_main:
+        meta = {"iteration": iteration, "format": SHARDED_FORMAT, "arch": arch, **state}
+        (tmp / "state.json").write_text(json.dumps(meta))
+        _publish(root, tmp, final)
+    barrier()
+    return final
+
+
+def is_sharded(path: Path) -> bool:
+    return (Path(path) / ".metadata").is_file()
+
+
+def load_sharded_checkpoint(path: Path, shards: dict, arch: dict) -> dict:
+    """Read a sharded checkpoint into ``shards`` in place (each rank its own parts; any world size, since DCP
+    reshards); returns the trainer state. Checked against ``arch`` before any tensor is read."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    saved = state.pop("arch", None)
+    if saved is not None and saved != json.loads(json.dumps(arch)):
+        diff = {k: (saved.get(k), arch.get(k)) for k in set(saved) | set(arch) if saved.get(k) != arch.get(k)}
+        raise CheckpointError(
+            f"{path} was saved for another architecture; differing fields (checkpoint, config): {diff}. "
+            "Use a checkpoint of this model, or set the model config to match it."
+        )
+    try:
+        dcp.load(shards, checkpoint_id=str(path))
+    except Exception as exc:  # DCP wraps every reader failure (missing key, shape) in its own types
+        raise CheckpointError(f"{path}: the sharded checkpoint does not fit this model and optimizer ({exc})") from None
+    state.pop("format", None)
+    return state
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

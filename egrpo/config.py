@@ -111,7 +111,12 @@ class TrainConfig:
     max_batch: int = 1024
     """Most latents per network call during rollouts and evaluation (a memory bound)."""
     distributed: str = "ddp"
-    """Under torchrun: 'ddp' (a full copy per rank) or 'fsdp' (FSDP2 fully_shard, per transformer block)."""
+    """Under torchrun: 'ddp' (a full copy per rank) or 'fsdp' (FSDP2 fully_shard, per transformer block: the
+    model loads shard by shard, never whole, and checkpoints are sharded; see docs/flux-sd3.md)."""
+    fsdp_param_dtype: Optional[str] = None
+    """FSDP: dtype blocks are all-gathered and computed in, 'bfloat16' or 'float32' (sharded master weights and
+    the gradient reduce-scatter stay fp32); None = model.dtype on a GPU (bf16 gathers: half the traffic and
+    memory of fp32), float32 on the CPU."""
     update_batch: int = 64
     """Most distinct inputs per forward-backward in the update; larger steps accumulate gradients over chunks."""
 
@@ -371,6 +376,10 @@ def validate(config: Config) -> None:
         (t.max_batch >= 1, "train.max_batch must be >= 1"),
         (t.update_batch >= 1, "train.update_batch must be >= 1"),
         (t.distributed in ("ddp", "fsdp"), f"train.distributed must be 'ddp' or 'fsdp', got {t.distributed!r}"),
+        (
+            t.fsdp_param_dtype in (None, "bfloat16", "float32"),
+            f"train.fsdp_param_dtype must be 'bfloat16', 'float32' or null, got {t.fsdp_param_dtype!r}",
+        ),
         (config.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
         (config.eval.seeds_per_prompt >= 1, "eval.seeds_per_prompt must be >= 1"),
         (config.eval.every >= 0, "eval.every must be >= 0"),

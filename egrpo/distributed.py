@@ -3,6 +3,14 @@ not fit on one device. Launched by torchrun; a single process is the world of si
 
 Every rank rolls out its own prompts (a prompt's group never leaves its rank), gradients are averaged
 across ranks, metrics are reduced, and only rank 0 writes files.
+
+Backends: the trainer's own collectives (metrics, stop flags, checksums, objects) reduce small CPU
+tensors, and NCCL has no CPU path; so on GPUs the process group carries both, gloo for CPU tensors and
+NCCL for CUDA ones (``CUDA_BACKEND``), while FSDP's gathers of model shards stay on NCCL.
+
+Under FSDP nothing ever holds the whole model: the trainer builds it on the meta device, shards it,
+and each rank reads only its rows of the weights (:mod:`egrpo.sharding`); checkpoints are DCP shards
+written and read by every rank; the final ``model.safetensors`` is streamed one gathered tensor at a time.
 """
 
 from __future__ import annotations
@@ -17,12 +25,28 @@ from torch import nn
 
 from egrpo.checkpoint import trainable_state
 
+CUDA_BACKEND = "cpu:gloo,cuda:nccl"
+CPU_BACKEND = "gloo"
+
+
+def process_group_backend(cuda: bool) -> str:
+    """The backend string ``init_process_group`` gets: CPU and CUDA collectives alike on GPU machines."""
+    return CUDA_BACKEND if cuda else CPU_BACKEND
+
+
+def backend_devices(backend: str) -> set[str]:
+    """Device types whose tensors a process group of ``backend`` can reduce (torch's own parsing)."""
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+
+    return set(BackendConfig(Backend(backend)).get_device_backend_map())
+
 
 @dataclass
 class World:
     size: int = 1
     rank: int = 0
     mode: str = "none"  # none | ddp | fsdp
+    backend: str = CPU_BACKEND
 
     @property
     def is_main(self) -> bool:
@@ -34,29 +58,36 @@ class World:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size == 1:
             return cls()
+        cuda = torch.cuda.is_available()
+        backend = process_group_backend(cuda)
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend)
-        return cls(size=dist.get_world_size(), rank=dist.get_rank(), mode=mode)
+            if cuda:
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(device)
+                dist.init_process_group(backend, device_id=device)
+            else:
+                dist.init_process_group(backend)
+        return cls(size=dist.get_world_size(), rank=dist.get_rank(), mode=mode, backend=backend)
 
     # ---- model ------------------------------------------------------------------------------------
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The module the policy should call: DDP's wrapper, or the model sharded in place by FSDP2."""
+    def wrap(self, model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
+        """The module the policy should call: DDP's wrapper, or the model sharded in place by FSDP2.
+
+        ``param_dtype`` (FSDP): the dtype blocks are gathered and computed in (bf16 halves the traffic and
+        the memory of a gathered block); sharded master weights and the gradient reduction stay fp32."""
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
             return DistributedDataParallel(model, device_ids=device_ids)
         if self.mode == "fsdp":
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+            policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
             # Shard each transformer block on its own, so only one block is gathered at a time.
-            for name in ("transformer_blocks", "single_transformer_blocks"):
-                for block in getattr(model, name, []):
-                    fully_shard(block)
-            fully_shard(model)
+            for block in transformer_blocks(model):
+                fully_shard(block, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
         return model
 
     def no_sync(self, wrapped: nn.Module, last_chunk: bool):
@@ -68,44 +99,23 @@ class World:
         return contextlib.nullcontext()
 
     # ---- state --------------------------------------------------------------------------------------
-    def model_tensors(self, model: nn.Module, on_every_rank: bool = False) -> dict[str, torch.Tensor]:
-        """Full (unsharded) trained tensors on the CPU. A collective under FSDP: call it on every rank;
-        only rank 0 receives them unless ``on_every_rank``."""
-        if self.mode != "fsdp":
-            return {k: v.detach().cpu() for k, v in trainable_state(model).items()}
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def sharded_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """The trained tensors and the optimizer state as this rank's shards (FSDP), for DCP; no gather."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=not on_every_rank)
-        full = get_model_state_dict(model, options=options)
-        return {k: full[k].cpu() for k in trainable_state(model) if k in full}
+        trained = trainable_state(model)
+        tensors = {k: v for k, v in get_model_state_dict(model).items() if k in trained}
+        return {"model": tensors, "optimizer": get_optimizer_state_dict(model, optimizer)}
 
-    def load_model_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        if self.mode != "fsdp":
-            params = trainable_state(model)
-            with torch.no_grad():
-                for name, value in tensors.items():
-                    params[name].copy_(value)
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
-
-    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        if self.mode != "fsdp":
-            return optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(
-            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    def load_sharded_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, shards: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
         )
 
-    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        if self.mode != "fsdp":
-            optimizer.load_state_dict(state)
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(model, shards["model"], options=StateDictOptions(strict=False))
+        set_optimizer_state_dict(model, optimizer, shards["optimizer"])
 
     # ---- collectives --------------------------------------------------------------------------------
     def mean(self, metrics: dict) -> dict:
@@ -113,18 +123,27 @@ class World:
         if self.size == 1:
             return metrics
         keys = [k for k, v in metrics.items() if isinstance(v, float)]
-        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)  # CPU: gloo's half of the group
         dist.all_reduce(values)
         return {**metrics, **{k: (values[i] / self.size).item() for i, k in enumerate(keys)}}
 
-    def checksums(self, model: nn.Module) -> list[float]:
-        """Every rank's sum of its full trained weights (a collective): equal when the ranks are in sync."""
-        total = sum(float(v.double().sum()) for v in self.model_tensors(model, on_every_rank=True).values())
+    def checksums(self, model: nn.Module) -> tuple[float, list[float]]:
+        """(sum of every trained weight, each rank's own sum), a collective with no gather of weights.
+
+        Under FSDP a rank sums its shards and the total is their all-reduced sum; under DDP every rank
+        sums its full replica, and the ranks' sums are equal when they are in sync."""
+        from egrpo.sharding import shard_sums
+
+        own = shard_sums(model)
         if self.size == 1:
-            return [total]
-        gathered = [None] * self.size
-        dist.all_gather_object(gathered, total)
-        return gathered
+            return float(own), [float(own)]
+        per_rank = [None] * self.size
+        dist.all_gather_object(per_rank, float(own))
+        if self.mode != "fsdp":
+            return per_rank[0], per_rank
+        total = own.clone()
+        dist.all_reduce(total)
+        return float(total), per_rank
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on any (e.g. a Ctrl-C that reached one rank first)."""
@@ -142,6 +161,14 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, obj) -> list | None:
+        """Every rank's ``obj``, in rank order, on rank 0 (None elsewhere); pickled through gloo on the CPU."""
+        if self.size == 1:
+            return [obj]
+        box = [None] * self.size if self.is_main else None
+        dist.gather_object(obj, box, dst=0)
+        return box
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()
@@ -150,3 +177,9 @@ class World:
         if self.size > 1 and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The FLUX / SD3 blocks, each its own FSDP unit; found under a LoRA (peft) wrapper too."""
+    names = ("transformer_blocks", "single_transformer_blocks")
+    return [block for name, module in model.named_modules() if name.split(".")[-1] in names for block in module]

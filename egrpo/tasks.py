@@ -5,7 +5,8 @@ Adding a model is one factory here plus its adapter module; the trainer never ch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,10 +26,15 @@ class Task:
     metrics: Metrics | None = None
     """Held-out metrics of a batch of images and their prompts (means over the batch); None = the mean of
     each configured reward component, scored by the trainer's own reward models (loaded once)."""
+    weight_files: list[Path] = field(default_factory=list)
+    """Where the weights of a policy built on the meta device (``build_task(..., on_meta=True)``) are: safetensors
+    files, a later one overriding an earlier one, or a sharded checkpoint directory (last). Empty otherwise."""
 
 
 def read_prompt_file(path: str, what: str) -> list[str]:
-    """One prompt a line; blank lines and lines starting with '#' are skipped."""
+    """One prompt a line; blank lines and lines starting with '#' are skipped, and a repeated prompt is kept
+    once, with a warning (the trainer draws distinct prompts; and the FLUX / SD3 embedding lookup of the
+    training set stays a view of the memory-mapped cache only when its rows are distinct)."""
     file = Path(path)
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
@@ -39,7 +45,15 @@ def read_prompt_file(path: str, what: str) -> list[str]:
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise ConfigError(f"{what}: prompt file {file} holds no prompts (one prompt a line is expected)")
-    return prompts
+    unique = list(dict.fromkeys(prompts))
+    if len(unique) < len(prompts):
+        first = next(p for i, p in enumerate(prompts) if p in prompts[:i])
+        warnings.warn(
+            f"{what}: prompt file {file} repeats {len(prompts) - len(unique)} line(s), e.g. {first!r}; "
+            f"each prompt is used once ({len(unique)} distinct prompts)",
+            stacklevel=2,
+        )
+    return unique
 
 
 def digits_metrics(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
@@ -60,13 +74,22 @@ def digits_metrics(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, fl
     }
 
 
-def _embedded(config: Config) -> Task:
+def _embedded(config: Config, on_meta: bool) -> Task:
     from egrpo.checkpoint import load_weights
     from egrpo.embedded import assets, digits
 
-    policy = assets.load_base_policy()
+    files: list[Path] = []
+    if on_meta:
+        policy = assets.base_policy_on_meta()
+        files = [assets.BASE_POLICY]
+    else:
+        policy = assets.load_base_policy()
     if config.model.checkpoint:
-        load_weights(weights_path(config.model.checkpoint), policy.model, policy.arch_config())
+        path = weights_path(config.model.checkpoint)
+        if on_meta:
+            files.append(_checked_weights(path, policy))
+        else:
+            load_weights(path, policy.model, policy.arch_config())
     train = read_prompt_file(config.prompts.train, "prompts.train") if config.prompts.train else digits.train_prompts()
     held = read_prompt_file(config.prompts.eval, "prompts.eval") if config.prompts.eval else digits.heldout_prompts()
     for what, prompts in (("prompts.train", train), ("prompts.eval", held)):
@@ -75,10 +98,20 @@ def _embedded(config: Config) -> Task:
                 digits.digit_of(p)
             except ValueError as exc:
                 raise ConfigError(f"{what}: {exc}") from None
-    return Task(policy=policy, train_prompts=train, eval_prompts=held, metrics=digits_metrics)
+    return Task(policy=policy, train_prompts=train, eval_prompts=held, metrics=digits_metrics, weight_files=files)
 
 
-def _pipeline_task(config: Config, load_policy: Callable) -> Task:
+def _checked_weights(path: Path, policy: Policy) -> Path:
+    """``path`` after checking, from its header alone, that it fits the meta-built policy."""
+    from egrpo.checkpoint import is_sharded
+    from egrpo.sharding import check_weights_header
+
+    if not is_sharded(path):  # a sharded checkpoint is checked when DCP reads it
+        check_weights_header(path, policy.model, policy.arch_config())
+    return path
+
+
+def _pipeline_task(config: Config, load_policy: Callable, on_meta: bool) -> Task:
     """A diffusers pipeline (FLUX, SD3): prompt files and the embedding cache are checked before any weights load."""
     from egrpo.models.text_cache import EmbeddingCache
 
@@ -103,48 +136,54 @@ def _pipeline_task(config: Config, load_policy: Callable) -> Task:
                 f"e.g. {missing[0]!r}; rebuild it: egrpo preprocess CONFIG --prompts {config.prompts.train} "
                 f"--prompts {config.prompts.eval} --out {cache.path}"
             )
-    policy = load_policy(config.model, cache)
+    policy = load_policy(config.model, cache, on_meta=on_meta)
+    files = policy.transformer_files() if on_meta else []
     if config.model.checkpoint:
         from egrpo.checkpoint import load_weights
 
-        load_weights(weights_path(config.model.checkpoint), policy.model, policy.arch_config())
-    return Task(policy=policy, train_prompts=train, eval_prompts=held)
+        path = weights_path(config.model.checkpoint)
+        if on_meta:
+            files.append(_checked_weights(path, policy))
+        else:
+            load_weights(path, policy.model, policy.arch_config())
+    return Task(policy=policy, train_prompts=train, eval_prompts=held, weight_files=files)
 
 
-def _flux(config: Config) -> Task:
+def _flux(config: Config, on_meta: bool) -> Task:
     from egrpo.models.flux import FluxPolicy
 
-    return _pipeline_task(config, FluxPolicy.load)
+    return _pipeline_task(config, FluxPolicy.load, on_meta)
 
 
-def _sd3(config: Config) -> Task:
+def _sd3(config: Config, on_meta: bool) -> Task:
     from egrpo.models.sd3 import SD3Policy
 
-    return _pipeline_task(config, SD3Policy.load)
+    return _pipeline_task(config, SD3Policy.load, on_meta)
 
 
-TASKS: dict[str, Callable[[Config], Task]] = {"embedded": _embedded, "flux": _flux, "sd3": _sd3}
+TASKS: dict[str, Callable[[Config, bool], Task]] = {"embedded": _embedded, "flux": _flux, "sd3": _sd3}
 
 
 def weights_path(checkpoint: str) -> Path:
     """A weights file, or a run directory (its final weights, else its latest checkpoint)."""
     path = Path(checkpoint)
     if path.is_dir():
-        from egrpo.checkpoint import latest_checkpoint
+        from egrpo.checkpoint import is_sharded, latest_checkpoint
 
         if (path / "model.safetensors").is_file():
             return path / "model.safetensors"
         latest = latest_checkpoint(path)
         if latest is not None:
-            return latest / "model.safetensors"
+            return latest if is_sharded(latest) else latest / "model.safetensors"
         raise ConfigError(f"{path} holds neither model.safetensors nor a checkpoint")
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
     return path
 
 
-def build_task(config: Config) -> Task:
+def build_task(config: Config, on_meta: bool = False) -> Task:
+    """The task of ``config.model.kind``. ``on_meta``: build the policy's trained network on the meta device
+    (no memory) and list where its weights are in ``Task.weight_files``, for FSDP to read shard by shard."""
     if config.model.kind not in TASKS:
         raise ConfigError(f"model.kind {config.model.kind!r} is not known; available: {', '.join(TASKS)}")
-    task = TASKS[config.model.kind](config)
-    return task
+    return TASKS[config.model.kind](config, on_meta)

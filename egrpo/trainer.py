@@ -42,24 +42,29 @@ def iteration_generator(seed: int, iteration: int, slot: int = -1) -> torch.Gene
 
 @dataclass
 class Evaluation:
-    """Fixed held-out prompts and noises, so base and trained models see exactly the same inputs."""
+    """Fixed held-out prompts and noises, so base and trained models see exactly the same inputs.
+
+    Samples are dealt out to ranks in turn: this rank holds samples ``rows`` of ``prompts`` (all of them in
+    one process) and only their noises and embeddings."""
 
     prompts: list[str]
+    rows: list[int]
     noise: torch.Tensor
     cond: Cond = field(repr=False, default=None)
 
 
-def make_evaluation(task: Task, config: Config) -> Evaluation:
+def make_evaluation(task: Task, config: Config, rank: int = 0, world_size: int = 1) -> Evaluation:
     seeds = config.eval.seeds_per_prompt
     prompts = [p for p in task.eval_prompts for _ in range(seeds)]
-    noise = torch.stack(
-        [
-            torch.randn(task.policy.latent_shape, generator=torch.Generator().manual_seed(config.eval.seed + 7919 * j + s))
-            for j in range(len(task.eval_prompts))
-            for s in range(seeds)
-        ]
-    )
-    return Evaluation(prompts=prompts, noise=noise.to(task.policy.device), cond=task.policy.encode(prompts))
+    rows = list(range(rank, len(prompts), world_size))
+    noise = [
+        torch.randn(task.policy.latent_shape, generator=torch.Generator().manual_seed(config.eval.seed + 7919 * j + s))
+        for j in range(len(task.eval_prompts))
+        for s in range(seeds)
+    ]
+    noise = torch.stack([noise[r] for r in rows]) if rows else torch.empty(0, *task.policy.latent_shape)
+    cond = task.policy.encode([prompts[r] for r in rows]) if rows else None
+    return Evaluation(prompts=prompts, rows=rows, noise=noise.to(task.policy.device), cond=cond)
 
 
 class Trainer:
@@ -76,7 +81,11 @@ class Trainer:
         self.progress = progress
         # Join the process group first: it pins this rank's CUDA device before any weights load.
         self.world = World.from_env(config.train.distributed)
-        self.task = task if task is not None else build_task(config)
+        fsdp = self.world.mode == "fsdp"
+        if fsdp:
+            _check_fsdp_supported(config)
+        # Under FSDP the model is built on the meta device and each rank later reads only its shards.
+        self.task = task if task is not None else build_task(config, on_meta=fsdp)
         self.policy = self.task.policy
         self.method = build_method(config)
         self.plan: RolloutPlan = self.method.plan
@@ -91,17 +100,40 @@ class Trainer:
         if config.train.kl_coef > 0:
             self.policy.freeze_reference()
         self.model = self.policy.model  # unwrapped: what checkpoints hold
-        self.policy.model = self.world.wrap(self.model)  # what the policy calls: DDP's wrapper, or sharded in place
+        # What the policy calls: DDP's wrapper, or the model sharded in place.
+        self.policy.model = self.world.wrap(self.model, self._fsdp_param_dtype() if fsdp else None)
+        if any(p.is_meta for p in self.model.parameters()):
+            self._fill_shards()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.train.lr, weight_decay=config.train.weight_decay)
         self.train_cond = self.policy.encode(self.task.train_prompts)
-        self.evaluation = make_evaluation(self.task, config)
+        self.evaluation = make_evaluation(self.task, config, self.world.rank, self.world.size)
         self.start_iteration = 0
         self._stop_requested = False
         if resume:
             self._resume()
         else:
             self._start_new_run()
+
+    def _fsdp_param_dtype(self) -> torch.dtype | None:
+        """FSDP's gather / compute dtype: train.fsdp_param_dtype, else the policy's compute dtype."""
+        name = self.config.train.fsdp_param_dtype
+        dtype = getattr(torch, name) if name else getattr(self.policy, "dtype", torch.float32)
+        return None if dtype == torch.float32 else dtype
+
+    def _fill_shards(self) -> None:
+        """Allocate this rank's shards of the meta-built model and read them: from the weight files, then
+        (a fine-tuned start) from a sharded checkpoint."""
+        from egrpo.sharding import fill_from_safetensors
+
+        files = [f for f in self.task.weight_files if not ckpt.is_sharded(f)]
+        fill_from_safetensors(self.model, files, self.policy.device)
+        for directory in (f for f in self.task.weight_files if ckpt.is_sharded(f)):
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            trained = ckpt.trainable_state(self.model)
+            shards = {k: v for k, v in get_model_state_dict(self.model).items() if k in trained}
+            ckpt.load_sharded_checkpoint(directory, {"model": shards}, self.policy.arch_config())
 
     # ---- run directory --------------------------------------------------------------------------
     def _start_new_run(self) -> None:
@@ -121,9 +153,25 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is None:
             raise ConfigError(f"{self.run_dir} holds no checkpoint to resume from")
-        tensors, optimizer_state, state = ckpt.load_checkpoint(latest, self.model, self.policy.arch_config())
-        self.world.load_model_tensors(self.model, tensors)
-        self.world.load_optimizer_state(self.model, self.optimizer, optimizer_state)
+        sharded = ckpt.is_sharded(latest)
+        if sharded != (self.world.mode == "fsdp"):
+            written = "train.distributed=fsdp" if sharded else "train.distributed=ddp or one process"
+            raise ConfigError(
+                f"{latest} was written by a run with {written}; resume it the same way "
+                f"(the world size may differ under FSDP)"
+            )
+        arch = self.policy.arch_config()
+        if sharded:
+            shards = self.world.sharded_state(self.model, self.optimizer)
+            state = ckpt.load_sharded_checkpoint(latest, shards, arch)
+            self.world.load_sharded_state(self.model, self.optimizer, shards)
+        else:
+            tensors, optimizer_state, state = ckpt.load_checkpoint(latest, self.model, arch)
+            params = ckpt.trainable_state(self.model)
+            with torch.no_grad():
+                for name, value in tensors.items():
+                    params[name].copy_(value)
+            self.optimizer.load_state_dict(optimizer_state)
         self.start_iteration = state["iteration"]
         if self.world.is_main:
             metrics = self.run_dir / "metrics.jsonl"
@@ -242,17 +290,34 @@ class Trainer:
         return {name: sum(values) / len(values) for name, values in stats.items()}
 
     # ---- evaluation -------------------------------------------------------------------------------
-    def evaluate(self) -> tuple[dict, torch.Tensor]:
-        """Held-out metrics and the images they were computed on."""
+    def evaluate(self) -> tuple[dict, torch.Tensor | None]:
+        """Held-out metrics (on every rank) and the images they were computed on (rank 0 only; None elsewhere).
+
+        Each rank samples and scores its share of the held-out samples; the metrics, means over a share,
+        are combined by sample counts."""
         self.model.eval()
         ev = self.evaluation
-        images = sample_images(self.policy, ev.cond, ev.noise, self.plan.sigmas, self.config.train.max_batch)
-        total, parts = self.reward.score(images, ev.prompts)
-        if self.task.metrics is not None:
-            metrics = self.task.metrics(images, ev.prompts)
-        else:
-            metrics = {name: values.mean().item() for name, values in parts.items()}
-        return {**metrics, "reward": total.mean().item()}, images
+        metrics, images = {}, None
+        if ev.rows:
+            prompts = [ev.prompts[r] for r in ev.rows]
+            images = sample_images(self.policy, ev.cond, ev.noise, self.plan.sigmas, self.config.train.max_batch)
+            total, parts = self.reward.score(images, prompts)
+            if self.task.metrics is not None:
+                metrics = self.task.metrics(images, prompts)
+            else:
+                metrics = {name: values.mean().item() for name, values in parts.items()}
+            metrics["reward"] = total.mean().item()
+        shares = self.world.gather((len(ev.rows), metrics, images))
+        combined = None
+        if self.world.is_main:
+            count = sum(n for n, _, _ in shares)
+            names = next(m for n, m, _ in shares if n)
+            combined = {k: sum(n * m[k] for n, m, _ in shares if n) / count for k in names}
+            images = torch.empty(count, *next(i for n, _, i in shares if n).shape[1:])
+            for rank, (_, _, part) in enumerate(shares):
+                if part is not None:
+                    images[rank :: self.world.size] = part
+        return self.world.broadcast(combined), images
 
     # ---- the run ------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -301,8 +366,7 @@ class Trainer:
                 bar.close()
 
         final, final_images = self.evaluate()
-        tensors = self.world.model_tensors(self.model)
-        checksums = self.world.checksums(self.model)
+        checksum, checksums = self.world.checksums(self.model)
         summary = {
             "base": base,
             "final": final,
@@ -311,13 +375,14 @@ class Trainer:
             "method": self.method.name,
             "plan": {"active_steps": self.plan.active_steps, "merge_lengths": self.plan.merge_lengths},
             "world_size": self.world.size,
+            "weight_checksum": checksum,
             "rank_weight_checksums": checksums,
         }
-        if len(set(checksums)) > 1:
+        if self.world.mode != "fsdp" and len(set(checksums)) > 1:
             raise RuntimeError(f"ranks ended with different weights (checksums {checksums}): data-parallel sync failed")
+        self._export(self.run_dir / "model.safetensors")
         if not main:
             return summary
-        ckpt.save_weights(self.run_dir / "model.safetensors", tensors, self.policy.arch_config())
         ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         report.plot_rewards(self.run_dir / "metrics.jsonl", self.run_dir / "reward_curve.png")
         report.plot_sample_grid(
@@ -330,13 +395,27 @@ class Trainer:
         return summary
 
     def _checkpoint(self, done: int, elapsed: float) -> None:
-        tensors = self.world.model_tensors(self.model)
-        optimizer_state = self.world.optimizer_state(self.model, self.optimizer)
-        if self.world.is_main:
-            ckpt.save_checkpoint(
-                self.run_dir, done, tensors, self.policy.arch_config(), optimizer_state, {"elapsed": elapsed}
+        arch = self.policy.arch_config()
+        if self.world.mode == "fsdp":
+            shards = self.world.sharded_state(self.model, self.optimizer)
+            ckpt.save_sharded_checkpoint(
+                self.run_dir, done, shards, arch, {"elapsed": elapsed}, self.world.is_main, self.world.barrier
             )
+            return
+        if self.world.is_main:
+            tensors = {k: v.detach().cpu() for k, v in ckpt.trainable_state(self.model).items()}
+            ckpt.save_checkpoint(self.run_dir, done, tensors, arch, self.optimizer.state_dict(), {"elapsed": elapsed})
         self.world.barrier()
+
+    def _export(self, path: Path) -> None:
+        """The final trained weights as one safetensors file (a collective under FSDP, streamed tensor by tensor)."""
+        arch = self.policy.arch_config()
+        if self.world.mode == "fsdp":
+            from egrpo.sharding import export_trained_weights
+
+            export_trained_weights(self.model, path, arch, self.world.is_main)
+        elif self.world.is_main:
+            ckpt.save_weights(path, ckpt.trainable_state(self.model), arch)
 
     def _elapsed_before(self) -> float:
         latest = ckpt.latest_checkpoint(self.run_dir)
@@ -352,6 +431,19 @@ class Trainer:
             f"\nInterrupted: finishing this iteration and writing a checkpoint to {self.run_dir} "
             "(Ctrl-C again aborts at once; the last checkpoint stays valid).",
             flush=True,
+        )
+
+
+def _check_fsdp_supported(config: Config) -> None:
+    if config.model.kind != "embedded" and config.model.lora_rank > 0:
+        raise ConfigError(
+            "train.distributed=fsdp with model.lora_rank > 0: LoRA trains only small adapters over a frozen base, "
+            "so shard nothing: use train.distributed=ddp (each rank holds the base in bf16, 24 GB for FLUX.1-dev)"
+        )
+    if config.train.kl_coef > 0:
+        raise ConfigError(
+            "train.kl_coef > 0 with train.distributed=fsdp: the frozen reference would be a second unsharded "
+            "model on every rank; train without the KL term (the paper's setting) or with train.distributed=ddp"
         )
 
 

@@ -38,13 +38,30 @@ def read_metadata(path: Path) -> dict:
         return dict(f.metadata() or {})
 
 
-def load_base_policy(path: Path | None = None) -> DigitsPolicy:
-    path = _require(Path(path) if path else BASE_POLICY)
+def _base_arch(path: Path) -> TinyFluxConfig:
     arch = json.loads(read_metadata(path)["arch"])
     arch.pop("kind", None)
-    policy = DigitsPolicy(TinyFluxConfig(**arch))
+    return TinyFluxConfig(**arch)
+
+
+def load_base_policy(path: Path | None = None) -> DigitsPolicy:
+    path = _require(Path(path) if path else BASE_POLICY)
+    policy = DigitsPolicy(_base_arch(path))
     policy.model.load_state_dict(load_file(str(path)))
     return policy
+
+
+def base_policy_on_meta() -> DigitsPolicy:
+    """The base policy's architecture with its network on the meta device (no weights read): for FSDP,
+    which shards it first and then reads each rank's rows of :data:`BASE_POLICY`."""
+    import torch
+
+    from egrpo.embedded.model import build_transformer
+
+    arch = _base_arch(_require(BASE_POLICY))
+    with torch.device("meta"):
+        model = build_transformer(arch)
+    return DigitsPolicy(arch, model=model)
 
 
 @lru_cache(maxsize=None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -94,26 +95,55 @@ class PipelinePolicy:
             self._adapters = transformer
         else:
             transformer.requires_grad_(True)
-        self.model = transformer.to(self.device)
+        on_meta = any(p.is_meta for p in transformer.parameters())
+        self.model = transformer if on_meta else transformer.to(self.device)  # FSDP fills meta shards later
         self._reference: nn.Module | None = None
         self._reference_frozen = False
 
     transformer_class: str  # the diffusers class of the pipeline's transformer
 
     @classmethod
-    def load(cls, model: ModelConfig, cache: EmbeddingCache):
-        """Only the transformer and the VAE of the pipeline ``model.pretrained``: no text encoders."""
+    def load(cls, model: ModelConfig, cache: EmbeddingCache, on_meta: bool = False):
+        """Only the transformer and the VAE of the pipeline ``model.pretrained``: no text encoders.
+
+        ``on_meta``: the transformer is built from its config on the meta device and no weight is read;
+        FSDP shards it and each rank reads its rows of :meth:`transformer_files`."""
         import diffusers
 
         check_model_config(model)
+        transformer_class = getattr(diffusers, cls.transformer_class)
         try:
-            transformer = getattr(diffusers, cls.transformer_class).from_pretrained(
-                model.pretrained, subfolder="transformer", torch_dtype=cls.weight_dtype(model)
-            )
+            if on_meta:
+                config = transformer_class.load_config(model.pretrained, subfolder="transformer")
+                with torch.device("meta"):
+                    transformer = transformer_class.from_config(config).to(cls.weight_dtype(model))
+            else:
+                transformer = transformer_class.from_pretrained(
+                    model.pretrained, subfolder="transformer", torch_dtype=cls.weight_dtype(model)
+                )
             vae = diffusers.AutoencoderKL.from_pretrained(model.pretrained, subfolder="vae")
         except OSError as exc:
             raise load_error(model, f"{cls.transformer_class} / VAE", exc) from None
         return cls(model, transformer, vae, cache)
+
+    def transformer_files(self) -> list[Path]:
+        """The safetensors files of the pipeline's transformer (one, or the shards its index lists)."""
+        folder = Path(self.settings.pretrained) / "transformer"
+        if not folder.is_dir():  # a hub id: the files of its local snapshot (downloaded if need be)
+            from huggingface_hub import snapshot_download
+
+            try:
+                root = snapshot_download(self.settings.pretrained, allow_patterns=["transformer/*"])
+            except Exception as exc:  # the hub client raises many types: offline, gated, not found
+                raise load_error(self.settings, "transformer weights", exc) from None
+            folder = Path(root) / "transformer"
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ConfigError(
+                f"model.pretrained={self.settings.pretrained!r}: {folder} holds no .safetensors weights; "
+                "FSDP reads each rank's shards from safetensors (convert the transformer with save_pretrained)"
+            )
+        return files
 
     @classmethod
     def weight_dtype(cls, model: ModelConfig) -> torch.dtype:
