@@ -260,7 +260,9 @@ class Trainer:
                 mean, std = sde_distribution(x_in, v, sigma_from, sigma_to, eta, float(sigmas[1]), sampling.noise)
                 src = ts.source[lo:hi] - a
                 log_probs = gaussian_log_prob(ts.samples[lo:hi], mean[src], std[src])
-                loss, chunk_stats = ppo_clip_loss(log_probs, ts.log_probs[lo:hi], advantages[j][lo:hi], cfg.clip_range)
+                # Advantages come from rewards scored on the CPU; the log-probs live on the policy's device.
+                old, adv = (t[lo:hi].to(log_probs.device) for t in (ts.log_probs, advantages[j]))
+                loss, chunk_stats = ppo_clip_loss(log_probs, old, adv, cfg.clip_range)
                 loss = loss * ts.weight * (hi - lo) / m
                 if cfg.kl_coef > 0:
                     with torch.no_grad():

@@ -68,6 +68,11 @@ class PipelinePolicy:
         self.settings = model
         self.device = resolve_device(model.device)
         self.dtype = compute_dtype(model, self.device)
+        if self.device.type == "cuda":
+            # cuDNN's fused attention failed in the backward pass ("mha_graph.execute ... is_good()") on FLUX.1-dev's
+            # 2,537-token sequences (torch 2.11 + CUDA 13, H100, 2026-11-27); the flash and memory-efficient
+            # kernels, which torch picks instead, ran the same iteration.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.cache = cache
         self._check_cache(transformer)
         self.vae = vae.to(self.device).eval().requires_grad_(False)
