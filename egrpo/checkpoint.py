@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ def read_weights(path: Path, module: torch.nn.Module, arch: dict) -> dict[str, t
     path = Path(path)
     if path.is_dir() and is_sharded(path):
         tensors = {k: torch.empty_like(v, device="cpu") for k, v in trainable_state(module).items()}
-        load_sharded_checkpoint(path, {"model": tensors}, arch)
+        load_sharded_checkpoint(path, {"model": tensors}, arch, whole=True)
         return tensors
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
@@ -167,9 +168,10 @@ def is_sharded(path: Path) -> bool:
     return (Path(path) / ".metadata").is_file()
 
 
-def load_sharded_checkpoint(path: Path, shards: dict, arch: dict) -> dict:
+def load_sharded_checkpoint(path: Path, shards: dict, arch: dict, whole: bool = False) -> dict:
     """Read a sharded checkpoint into ``shards`` in place (each rank its own parts; any world size, since DCP
-    reshards); returns the trainer state. Checked against ``arch`` before any tensor is read."""
+    reshards); returns the trainer state. Checked against ``arch`` before any tensor is read. ``whole``: this
+    process reads full tensors by itself, with no collective (one process, or every DDP rank alike)."""
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
@@ -182,7 +184,10 @@ def load_sharded_checkpoint(path: Path, shards: dict, arch: dict) -> dict:
             "Use a checkpoint of this model, or set the model config to match it."
         )
     try:
-        dcp.load(shards, checkpoint_id=str(path))
+        with warnings.catch_warnings():
+            # DCP warns that it assumes one process when no process group is up, which is what whole means.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(shards, checkpoint_id=str(path), no_dist=whole)
     except Exception as exc:  # DCP wraps every reader failure (missing key, shape) in its own types
         raise CheckpointError(f"{path}: the sharded checkpoint does not fit this model and optimizer ({exc})") from None
     state.pop("format", None)

@@ -105,6 +105,7 @@ class World:
 
         trained = trainable_state(model)
         tensors = {k: v for k, v in get_model_state_dict(model).items() if k in trained}
+        _create_adamw_state(optimizer)
         return {"model": tensors, "optimizer": get_optimizer_state_dict(model, optimizer)}
 
     def load_sharded_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, shards: dict) -> None:
@@ -183,3 +184,23 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The FLUX / SD3 blocks, each its own FSDP unit; found under a LoRA (peft) wrapper too."""
     names = ("transformer_blocks", "single_transformer_blocks")
     return [block for name, module in model.named_modules() if name.split(".")[-1] in names for block in module]
+
+
+def _create_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW's state as its first step would create it (zero moments, step 0), for DCP to load into.
+
+    Before a step the state is empty, and torch's state-dict helper then creates it by running a step on
+    zero gradients: a full set of gradient shards allocated on top of everything else at resume. AdamW's
+    state is known, so it is created directly."""
+    if not isinstance(optimizer, torch.optim.AdamW) or optimizer.state:
+        return
+    for group in optimizer.param_groups:
+        if group.get("amsgrad") or group.get("capturable") or group.get("fused"):
+            return  # other layouts: leave it to torch's helper
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p] = {
+                "step": torch.tensor(0.0, dtype=torch.float32),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }

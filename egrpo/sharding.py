@@ -85,7 +85,8 @@ def fill_from_safetensors(model: nn.Module, files: list[Path], device: torch.dev
         by_file.setdefault(file, []).append(name)
     with torch.no_grad():
         for file, names in by_file.items():
-            with safe_open(str(file), framework="pt") as f:
+            # pread, not a memory map: mapped pages a rank touched would stay resident while the file is open.
+            with safe_open(str(file), framework="pt", backend="pread") as f:
                 for name in names:
                     target = targets[name]
                     rows = f.get_slice(name)

@@ -57,3 +57,16 @@ def test_gpu_smoke_flux_dev_path_extrapolates_a_reduced_plan(tmp_path):
     assert result["iteration_over_network"] > 0 and result["latents_per_second"] > 0
     assert result["seconds_total"] > result["seconds_build"] + result["seconds_warmup"] > 0
     assert result["peak_memory_allocated_gib"] is None  # CPU
+
+
+def test_fsdp_memory_writes_per_rank_peaks_for_every_phase(tmp_path):
+    out = tmp_path / "fsdp_memory.json"
+    assert _load("fsdp_memory").main(["--world-sizes", "2", "--small", "--iterations", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for runs in (result["runs"], result["runs_glibc_default_malloc"]):
+        (run,) = runs
+        assert run["world_size"] == 2 and len(run["ranks"]) == 2 and run["model_bytes"] > 0
+        assert set(run["phases"]) == {"load", "train", "checkpoint", "resume", "export"}
+        assert all(run["phases"][p] == max(r[p] for r in run["ranks"]) for p in run["phases"])
+        # Training holds at least this rank's half of the fp32 weights, gradients and AdamW moments.
+        assert run["phases"]["train"] >= run["model_bytes"] * 4 / 2 * 0.9

@@ -41,12 +41,14 @@ def _common(eval_prompt_file, prompts):
 
 def test_ddp_keeps_ranks_identical_and_matches_one_process(tmp_path, eval_prompt_file):
     single = cfg.load("embedded", [*_common(eval_prompt_file, 4), f"output_dir={tmp_path / 'single'}"])
-    Trainer(single, progress=False).train()
+    alone = Trainer(single, progress=False).train()
 
     _torchrun([*_common(eval_prompt_file, 2), f"output_dir={tmp_path / 'ddp'}"], tmp_path)
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["rank_weight_checksums"][0] == summary["rank_weight_checksums"][1]
+    # Each rank sampled half of the held-out set; combined, the metrics are the one-process ones.
+    assert summary["base"] == pytest.approx(alone["base"], rel=1e-5)
 
     a = load_file(str(tmp_path / "single" / "model.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "model.safetensors"))

@@ -184,6 +184,37 @@ def test_missing_prompt_names_it_and_the_command(pipeline):
         Trainer(config, root / "never", progress=False)
 
 
+def test_repeated_training_prompts_warn_and_the_lookup_stays_a_view_of_the_cache(pipeline, tmp_path):
+    """A repeated line would turn the training set's embedding lookup into a copy of every row, on every rank."""
+    kind, root = pipeline
+    repeated = tmp_path / "train.txt"
+    repeated.write_text("\n".join(TRAIN + [TRAIN[1]]) + "\n")
+    config = cfg.load(str(root / "config.yaml"), [f"prompts.train={repeated}", f"output_dir={tmp_path / 'run'}"])
+    with pytest.warns(UserWarning, match=r"repeats 1 line\(s\), e.g. 'a painting of a dog'"):
+        trainer = Trainer(config, progress=False)
+    assert trainer.task.train_prompts == TRAIN
+    mapped = trainer.policy.cache._tensors["text"].untyped_storage().data_ptr()
+    assert trainer.train_cond["text"].untyped_storage().data_ptr() == mapped
+
+
+def test_meta_build_reads_exactly_the_pretrained_weights(pipeline):
+    """What FSDP does per rank, in one process: the transformer built on meta, then filled from its files."""
+    import diffusers
+
+    from egrpo.sharding import fill_from_safetensors
+    from egrpo.tasks import build_task
+
+    kind, root = pipeline
+    task = build_task(cfg.load(str(root / "config.yaml")), on_meta=True)
+    assert all(p.is_meta for p in task.policy.model.parameters())
+    assert [f.name for f in task.weight_files] == ["diffusion_pytorch_model.safetensors"]
+    fill_from_safetensors(task.policy.model, task.weight_files, torch.device("cpu"))
+    name = "FluxTransformer2DModel" if kind == "flux" else "SD3Transformer2DModel"
+    loaded = getattr(diffusers, name).from_pretrained(root / "pipeline", subfolder="transformer")
+    expected = loaded.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in task.policy.model.state_dict().items())
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_one_egrpo_iteration_through_the_trainer(pipeline, lora, tmp_path, no_text_encoders):
     kind, root = pipeline
