@@ -6,8 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
+
+# A config override: a dotted key, then '='. A path never matches ('/' is not a key character), so a run
+# directory named tau=2.2 is still a path when written as runs/tau=2.2 or ./tau=2.2.
+OVERRIDE = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*=")
 
 
 def _quiet_libraries() -> None:
@@ -60,6 +65,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from egrpo import config as cfg
+
+    if args.method:
+        args.overrides = [f"method.name={args.method}", *args.overrides]
+    sources: dict[str, str] = {}
+    config = cfg.load(args.config or "embedded", args.overrides, sources)
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    defaults = cfg.flat_values(cfg.Config())
+    changed = {k: v for k, v in cfg.flat_values(config).items() if defaults.get(k) != v}
+    if changed:
+        print("# values that differ from egrpo's defaults, and where each comes from:")
+        width = max(len(f"{k}: {v}") for k, v in changed.items())
+        for key, value in changed.items():
+            origin = next((sources[k] for k in (key, *_prefixes(key)) if k in sources), "?")
+            print(f"#   {f'{key}: {value}':<{width}}  {cfg.describe_source(origin)}")
+    return 0
+
+
+def _prefixes(key: str) -> list[str]:
+    """'reward.hps.checkpoint' -> ['reward.hps', 'reward']: a value set through a parent key."""
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from egrpo import config as cfg
     from egrpo.planner import make_plan
@@ -105,11 +137,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _checkpoints_and_overrides(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """Positional CHECKPOINT arguments mix checkpoints and key=value overrides; --prompts / --seeds are overrides."""
-    checkpoints = [c for c in args.checkpoints if "=" not in c]
-    overrides = [c for c in args.checkpoints if "=" in c]
-    if not checkpoints:
-        raise FileNotFoundError("name at least one checkpoint: a run directory, a .safetensors file, or 'base'")
+    """The CHECKPOINT arguments and the key=value overrides; --prompts / --seeds are overrides too."""
+    checkpoints, overrides = list(args.checkpoints), list(args.overrides)
     if args.prompts:
         overrides.append(f"prompts.eval={args.prompts}")
     if getattr(args, "seeds", None):
@@ -229,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
+    conf = sub.add_parser("config", help="print the resolved config as YAML, with where each non-default value "
+                                         "comes from")
+    conf.add_argument("config", nargs="?", help="config file or shipped config name (default: embedded)")
+    conf.add_argument("overrides", nargs="*", help=overrides_help)
+    conf.add_argument("--method", help="a method's defaults, as egrpo train --method")
+    conf.set_defaults(func=cmd_config)
+
     plan = sub.add_parser("plan", help="print the entropy plan: merge length per active step")
     plan.add_argument("config", nargs="?", help="config file or shipped config name (default: embedded)")
     plan.add_argument("overrides", nargs="*", help=overrides_help)
@@ -319,17 +355,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split_overrides(args: argparse.Namespace) -> None:
-    """argparse cannot tell an optional config from an override: a first positional with '=' is an override."""
-    if getattr(args, "config", None) and "=" in args.config:
-        args.overrides = [args.config] + list(args.overrides)
-        args.config = None
+def _value_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string, in any subcommand, that takes a value (its next word is that value, not an override)."""
+    options = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                options |= _value_options(sub)
+        elif action.option_strings and action.nargs != 0:
+            options.update(action.option_strings)
+    return options
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv`` with key=value overrides allowed anywhere on the line (argparse would take one after an
+    option for an unrecognized argument): they are pulled out first and handed to the command as overrides."""
+    values = _value_options(parser)
+    overrides = [w for i, w in enumerate(argv) if OVERRIDE.match(w) and not (i and argv[i - 1] in values)]
+    rest = [w for i, w in enumerate(argv) if not (OVERRIDE.match(w) and not (i and argv[i - 1] in values))]
+    args = parser.parse_args(rest)
+    if overrides and not hasattr(args, "overrides") and not hasattr(args, "checkpoints"):
+        name = " ".join(filter(None, (args.command, getattr(args, "figure", None))))
+        parser.error(f"egrpo {name} takes no key=value overrides, got {' '.join(overrides)}")
+    args.overrides = overrides + list(getattr(args, "overrides", None) or [])
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    _split_overrides(args)
+    args = parse(parser, sys.argv[1:] if argv is None else list(argv))
     _quiet_libraries()
     from egrpo.checkpoint import CheckpointError
     from egrpo.config import ConfigError

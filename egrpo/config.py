@@ -244,10 +244,13 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def apply(config: Config, values: dict[str, Any], source: str) -> Config:
-    """Set dotted keys on ``config`` after checking each key and type; ``source`` names where they came from."""
+def apply(config: Config, values: dict[str, Any], source: str, sources: dict[str, str] | None = None) -> Config:
+    """Set dotted keys on ``config`` after checking each key and type; ``source`` names where they came from
+    (recorded per key in ``sources`` when given)."""
     keys = known_keys()
     for key, value in values.items():
+        if sources is not None:
+            sources[key] = source
         if key.startswith("reward.") and key != "reward":
             _set_reward_option(config, key, value)
             continue
@@ -297,6 +300,19 @@ def reward_specs(config: Config) -> dict[str, tuple[float, dict]]:
     return specs
 
 
+def flat_values(config: Config) -> dict[str, Any]:
+    """Dotted key -> value of every field (the reward section as one value)."""
+    return _flatten(config.to_dict())
+
+
+def describe_source(source: str) -> str:
+    """A source recorded by :func:`load`, with a shipped config named by its name, not its install path."""
+    path = Path(source)
+    if path.suffix == ".yaml" and path.resolve().parent == CONFIG_DIR.resolve():
+        return f"shipped config {path.stem}"
+    return source
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``['plan.tau=2.0', 'train.iterations=5']`` -> dict; values are read as YAML scalars or lists."""
     out = {}
@@ -323,11 +339,19 @@ def resolve_path(name_or_path: str) -> Path:
     raise ConfigError(f"config {name_or_path!r} is neither a file nor a shipped config; shipped: {', '.join(names)}")
 
 
-def load(name_or_path: str | None = "embedded", overrides: list[str] | None = None) -> Config:
-    """Defaults, then the chosen method's defaults, then the file, then the command line."""
+def load(
+    name_or_path: str | None = "embedded", overrides: list[str] | None = None, sources: dict[str, str] | None = None
+) -> Config:
+    """Defaults, then the chosen method's defaults and the file, then the command line.
+
+    A method's defaults (e.g. DanceGRPO's eta 0.3 and its noise) beat a shipped config, whose sampling and
+    plan keys are E-GRPO's; the user's own file beats them when it names the method itself, and is refused
+    when the method comes from the command line and the file sets one of its keys to another value (which
+    of the two was meant is not knowable). ``sources``, when given, receives where each set key came from.
+    """
     from egrpo.methods import METHOD_DEFAULTS
 
-    file_values, source = {}, "defaults"
+    file_values, source, shipped = {}, "defaults", False
     if name_or_path:
         path = resolve_path(name_or_path)
         try:
@@ -337,6 +361,7 @@ def load(name_or_path: str | None = "embedded", overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
         file_values, source = _flatten(data), str(path)
+        shipped = path.resolve().parent == CONFIG_DIR.resolve()
     cli_values = parse_overrides(overrides or [])
     cli_values = {("method.name" if k == "method" else k): v for k, v in cli_values.items()}
     method = cli_values.get("method.name", file_values.get("method.name", MethodConfig.name))
@@ -345,10 +370,23 @@ def load(name_or_path: str | None = "embedded", overrides: list[str] | None = No
             f"method {method!r} is not known; available: {', '.join(METHOD_DEFAULTS)}."
             + _suggest(str(method), list(METHOD_DEFAULTS))
         )
+    defaults, default_source = METHOD_DEFAULTS[method], f"method {method} defaults"
+    if name_or_path and not shipped and "method.name" in cli_values:
+        conflicts = [
+            f"{k}={file_values[k]!r} (method {method}: {v!r})"
+            for k, v in defaults.items()
+            if k in file_values and file_values[k] != v and k not in cli_values
+        ]
+        if conflicts:
+            raise ConfigError(
+                f"{source} sets {', '.join(conflicts)}, which the command line's method {method} sets otherwise; "
+                f"name the value on the command line (e.g. {conflicts[0].split(' ')[0]}) or the method in the file"
+            )
+    layers = [(source, file_values), (default_source, defaults)] if shipped else [(default_source, defaults), (source, file_values)]
     config = Config()
-    apply(config, METHOD_DEFAULTS[method], f"method {method} defaults")
-    apply(config, file_values, source)
-    apply(config, cli_values, "command line")
+    for layer_source, values in layers:
+        apply(config, values, layer_source, sources)
+    apply(config, cli_values, "command line", sources)
     validate(config)
     return config
 
