@@ -349,7 +349,7 @@ def load(
     when the method comes from the command line and the file sets one of its keys to another value (which
     of the two was meant is not knowable). ``sources``, when given, receives where each set key came from.
     """
-    from egrpo.methods import METHOD_DEFAULTS
+    from egrpo.methods import METHODS
 
     file_values, source, shipped = {}, "defaults", False
     if name_or_path:
@@ -365,12 +365,11 @@ def load(
     cli_values = parse_overrides(overrides or [])
     cli_values = {("method.name" if k == "method" else k): v for k, v in cli_values.items()}
     method = cli_values.get("method.name", file_values.get("method.name", MethodConfig.name))
-    if method not in METHOD_DEFAULTS:
+    if method not in METHODS:
         raise ConfigError(
-            f"method {method!r} is not known; available: {', '.join(METHOD_DEFAULTS)}."
-            + _suggest(str(method), list(METHOD_DEFAULTS))
+            f"method {method!r} is not known; available: {', '.join(METHODS)}." + _suggest(str(method), list(METHODS))
         )
-    defaults, default_source = METHOD_DEFAULTS[method], f"method {method} defaults"
+    defaults, default_source = METHODS[method].defaults, f"method {method} defaults"
     if name_or_path and not shipped and "method.name" in cli_values:
         conflicts = [
             f"{k}={file_values[k]!r} (method {method}: {v!r})"

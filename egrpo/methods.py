@@ -5,6 +5,10 @@ are grouped for the advantage. The answer is a rollout engine call; the trainer,
 and the PPO-clip update are shared. Authors' defaults are given for their own step counts and are
 rescaled to the grid in use (``rescale``).
 
+A method is one class registered under its name (``@register``): it owns its config defaults, its
+rollout, the SDE noise level its samples and log-probs share, and its ``describe``. The trainer and
+the CLI only call these; adding a method is one class here.
+
 | method         | engine       | SDE / trained steps                          | groups                          |
 |----------------|--------------|----------------------------------------------|---------------------------------|
 | egrpo          | branches     | active steps, merged jumps (entropy tau)     | (prompt, merged step)           |
@@ -19,7 +23,7 @@ rescaled to the grid in use (``rescale``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -28,22 +32,6 @@ from egrpo.planner import RolloutPlan, make_plan
 from egrpo.policy import Cond, Policy
 from egrpo.rollout import Rollout, rollout_branches, rollout_trajectories, rollout_tree
 from egrpo.stepmath import noise_std
-
-METHODS = ("egrpo", "g2rpo", "tempflow", "flowgrpo", "flowgrpo-fast", "dancegrpo", "mixgrpo", "branchgrpo")
-
-# Config values each method changes from the E-GRPO defaults; anything the user sets wins.
-METHOD_DEFAULTS: dict[str, dict] = {
-    "egrpo": {},
-    "g2rpo": {"plan.tau": 0.0, "method.granularities": [1, 2]},
-    "tempflow": {"plan.tau": 0.0, "plan.active_steps": "all"},
-    "flowgrpo": {"plan.active_steps": "all"},
-    "flowgrpo-fast": {"method.window": 2},
-    "dancegrpo": {"sampling.noise": "dance", "sampling.eta": 0.3, "plan.active_steps": "all",
-                  "method.train_fraction": 0.6},
-    "mixgrpo": {"method.window": 4},
-    "branchgrpo": {"sampling.noise": "dance", "sampling.eta": 0.3},
-}
-
 
 def rescale(steps: list[int], authors_steps: int, num_steps: int) -> list[int]:
     """Map step indices of the authors' grid onto ours, keeping them distinct and on the grid."""
@@ -56,51 +44,184 @@ def rescale(steps: list[int], authors_steps: int, num_steps: int) -> list[int]:
     return out
 
 
-@dataclass
-class MethodRun:
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Make ``cls`` available as ``method.name: <cls.name>`` (its defaults go to the config loader)."""
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+class Method:
     """A method bound to a config: ``rollout`` is called once per iteration."""
 
-    name: str
-    config: Config
-    plan: RolloutPlan  # the E-GRPO-style plan (branch methods) or the grid carrier (others)
+    name: ClassVar[str]
+    label: ClassVar[str]
+    """Its name in the paper, for progress bars and plots."""
+    defaults: ClassVar[dict] = {}
+    """Config values the method changes from the E-GRPO defaults (dotted keys)."""
+    uses_entropy_plan: ClassVar[bool] = False
+    """Whether the E-GRPO merge plan (plan.png, summary's ``plan``) describes what the method does."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.plan: RolloutPlan = make_plan(**plan_kwargs(config))  # also the grid of every method
 
     @property
     def sigmas(self) -> torch.Tensor:
         return self.plan.sigmas
 
+    def sde_eta(self) -> float:
+        """The SDE noise level a of its stochastic steps; the update's log-probs use the same one."""
+        return self.config.sampling.eta
+
     def rollout(
         self, policy: Policy, cond: Cond, iteration: int, generator: torch.Generator, prompt_generators: list
     ) -> Rollout:
         """``generator`` is shared by all ranks (step choices); ``prompt_generators`` feed each prompt's noise."""
-        c, s, m = self.config.train, self.config.sampling, self.config.method
-        if self.name in ("egrpo", "g2rpo", "tempflow"):
-            return rollout_branches(
-                policy, self.plan, cond, c.group_size, prompt_generators, s.noise, c.max_batch,
-                granularities=tuple(m.granularities), step_weights=self.step_weights(),
-            )
-        if self.name == "branchgrpo":
-            return rollout_tree(
-                policy, self.sigmas, cond, prompt_generators, self.split_steps(), m.branch_factor,
-                s.eta * m.branch_noise_scale, s.noise, c.max_batch,
-            )
-        sde, trained = self.trajectory_steps(iteration, generator)
-        return rollout_trajectories(
-            policy, self.sigmas, cond, c.group_size, prompt_generators, sde, trained, s.eta, s.noise,
-            shared_noise=self.name in ("dancegrpo", "mixgrpo"), max_batch=c.max_batch,
-        )
+        raise NotImplementedError
+
+    def describe(self, iteration: int = 0) -> dict:
+        """What an iteration does, for tests and the comparison table (group size G, P = 1 prompt)."""
+        raise NotImplementedError
+
+
+class BranchMethod(Method):
+    """Branches off one ODE anchor per prompt at each active step (``rollout_branches``)."""
 
     def step_weights(self) -> dict[int, float] | None:
-        """TempFlow-GRPO: each step's loss weighted by its noise level std_t * sqrt(-dt), normalised to mean 1."""
-        if self.name != "tempflow":
-            return None
+        return None
+
+    def rollout(self, policy, cond, iteration, generator, prompt_generators):
+        c, s, m = self.config.train, self.config.sampling, self.config.method
+        return rollout_branches(
+            policy, self.plan, cond, c.group_size, prompt_generators, s.noise, c.max_batch,
+            granularities=tuple(m.granularities), step_weights=self.step_weights(),
+        )
+
+    def describe(self, iteration: int = 0) -> dict:
+        g, num_steps = self.config.train.group_size, self.config.sampling.num_steps
+        grans = self.config.method.granularities
+        completion = sum(-(-(num_steps - b.landing) // gr) for b in self.plan.branches for gr in grans) * g
+        return {"sde_steps": self.plan.active_steps, "trained_steps": self.plan.active_steps,
+                "merge_lengths": self.plan.merge_lengths, "group": "prompt x step",
+                "network_calls": num_steps + completion + len(self.plan.branches)}
+
+
+@register
+class EGRPO(BranchMethod):
+    name, label = "egrpo", "E-GRPO"
+    uses_entropy_plan = True
+
+
+@register
+class G2RPO(BranchMethod):
+    name, label = "g2rpo", "G2RPO"
+    defaults = {"plan.tau": 0.0, "method.granularities": [1, 2]}
+
+
+@register
+class TempFlowGRPO(BranchMethod):
+    name, label = "tempflow", "TempFlow-GRPO"
+    defaults = {"plan.tau": 0.0, "plan.active_steps": "all"}
+
+    def step_weights(self) -> dict[int, float]:
+        """Each step's loss weighted by its noise level std_t * sqrt(-dt), normalised to mean 1."""
         sig, eta = self.sigmas, self.config.sampling.eta
-        steps = self.plan.active_steps
         level = {
             i: float(noise_std(sig[i], eta, float(sig[1]), self.config.sampling.noise) * (sig[i] - sig[i + 1]).sqrt())
-            for i in steps
+            for i in self.plan.active_steps
         }
         mean = sum(level.values()) / len(level)
         return {i: v / mean for i, v in level.items()}
+
+
+class TrajectoryMethod(Method):
+    """Whole trajectories per sample, SDE on some steps (``rollout_trajectories``)."""
+
+    shared_noise: ClassVar[bool] = False
+    """Every sample of a prompt starts from the same initial noise."""
+
+    def trajectory_steps(self, iteration: int, generator: torch.Generator) -> tuple[list[int], list[int]]:
+        """(SDE steps, trained steps) at this iteration."""
+        raise NotImplementedError
+
+    def rollout(self, policy, cond, iteration, generator, prompt_generators):
+        c, s = self.config.train, self.config.sampling
+        sde, trained = self.trajectory_steps(iteration, generator)
+        return rollout_trajectories(
+            policy, self.sigmas, cond, c.group_size, prompt_generators, sde, trained, self.sde_eta(), s.noise,
+            shared_noise=self.shared_noise, max_batch=c.max_batch,
+        )
+
+    def describe(self, iteration: int = 0) -> dict:
+        g, num_steps = self.config.train.group_size, self.config.sampling.num_steps
+        sde, trained = self.trajectory_steps(iteration, torch.Generator().manual_seed(iteration))
+        return {"sde_steps": sde, "trained_steps": trained, "group": "prompt",
+                "network_calls": g * num_steps + g * len(trained)}
+
+    def _window(self, start: int) -> tuple[list[int], list[int]]:
+        num_steps = self.config.sampling.num_steps
+        steps = list(range(start, min(start + min(self.config.method.window, num_steps), num_steps)))
+        return steps, steps
+
+
+@register
+class FlowGRPO(TrajectoryMethod):
+    name, label = "flowgrpo", "Flow-GRPO"
+    defaults = {"plan.active_steps": "all"}
+
+    def trajectory_steps(self, iteration, generator):
+        return self.plan.active_steps, self.plan.active_steps
+
+
+@register
+class FlowGRPOFast(TrajectoryMethod):
+    name, label = "flowgrpo-fast", "Flow-GRPO-Fast"
+    defaults = {"method.window": 2}
+
+    def trajectory_steps(self, iteration, generator):
+        # The window starts anywhere in the first half, where the paper finds the useful signal.
+        num_steps, window = self.config.sampling.num_steps, min(self.config.method.window, self.config.sampling.num_steps)
+        return self._window(int(torch.randint(0, max(1, num_steps // 2 - window + 1), (1,), generator=generator)))
+
+
+@register
+class DanceGRPO(TrajectoryMethod):
+    name, label = "dancegrpo", "DanceGRPO"
+    defaults = {"sampling.noise": "dance", "sampling.eta": 0.3, "plan.active_steps": "all", "method.train_fraction": 0.6}
+    shared_noise = True
+
+    def trajectory_steps(self, iteration, generator):
+        steps = self.plan.active_steps
+        k = max(1, round(self.config.method.train_fraction * len(steps)))
+        chosen = torch.randperm(len(steps), generator=generator)[:k]
+        return list(range(self.config.sampling.num_steps)), sorted(steps[int(i)] for i in chosen)
+
+
+@register
+class MixGRPO(TrajectoryMethod):
+    name, label = "mixgrpo", "MixGRPO"
+    defaults = {"method.window": 4}
+    shared_noise = True
+
+    def trajectory_steps(self, iteration, generator):
+        # The window slides one step every `window_shift_every` iterations, wrapping around the first half.
+        num_steps, m = self.config.sampling.num_steps, self.config.method
+        every = m.window_shift_every or max(1, self.config.train.iterations // (num_steps // 2))
+        return self._window((iteration // every) % (num_steps // 2))
+
+
+@register
+class BranchGRPO(Method):
+    name, label = "branchgrpo", "BranchGRPO"
+    defaults = {"sampling.noise": "dance", "sampling.eta": 0.3}
+
+    def sde_eta(self) -> float:
+        return self.config.sampling.eta * self.config.method.branch_noise_scale
 
     def split_steps(self) -> list[int]:
         m = self.config.method
@@ -108,56 +229,26 @@ class MethodRun:
             return list(m.split_steps)
         return rescale([0, 3, 6, 9], 20, self.config.sampling.num_steps)
 
-    def trajectory_steps(self, iteration: int, generator: torch.Generator) -> tuple[list[int], list[int]]:
-        """(SDE steps, trained steps) of a trajectory method at this iteration."""
-        num_steps, m = self.config.sampling.num_steps, self.config.method
-        if self.name == "flowgrpo":
-            steps = self.plan.active_steps
-            return steps, steps
-        if self.name == "dancegrpo":
-            steps = self.plan.active_steps
-            k = max(1, round(m.train_fraction * len(steps)))
-            chosen = torch.randperm(len(steps), generator=generator)[:k]
-            return list(range(num_steps)), sorted(steps[int(i)] for i in chosen)
-        window = min(m.window, num_steps)
-        if self.name == "flowgrpo-fast":
-            # The window starts anywhere in the first half, where the paper finds the useful signal.
-            start = int(torch.randint(0, max(1, num_steps // 2 - window + 1), (1,), generator=generator))
-        else:  # mixgrpo: the window slides one step every `window_shift_every` iterations, wrapping around
-            every = m.window_shift_every or max(1, self.config.train.iterations // (num_steps // 2))
-            start = (iteration // every) % (num_steps // 2)
-        steps = list(range(start, min(start + window, num_steps)))
-        return steps, steps
+    def rollout(self, policy, cond, iteration, generator, prompt_generators):
+        c, m = self.config.train, self.config.method
+        return rollout_tree(
+            policy, self.sigmas, cond, prompt_generators, self.split_steps(), m.branch_factor, self.sde_eta(),
+            self.config.sampling.noise, c.max_batch,
+        )
 
     def describe(self, iteration: int = 0) -> dict:
-        """What an iteration does, for tests and the comparison table (group size G, P = 1 prompt)."""
-        g = self.config.train.group_size
-        num_steps = self.config.sampling.num_steps
-        if self.name in ("egrpo", "g2rpo", "tempflow"):
-            grans = self.config.method.granularities
-            completion = sum(
-                -(-(num_steps - b.landing) // gr) for b in self.plan.branches for gr in grans
-            ) * g
-            return {"sde_steps": self.plan.active_steps, "trained_steps": self.plan.active_steps,
-                    "merge_lengths": self.plan.merge_lengths, "group": "prompt x step",
-                    "network_calls": num_steps + completion + len(self.plan.branches)}
-        if self.name == "branchgrpo":
-            splits, bf = self.split_steps(), self.config.method.branch_factor
-            calls, nodes = 0, 1
-            for i in range(num_steps):
-                calls += nodes
-                if i in splits:
-                    nodes *= bf
-            return {"sde_steps": splits, "trained_steps": splits, "group": "prompt x depth",
-                    "leaves": nodes, "network_calls": calls + sum(bf**d for d in range(len(splits)))}
-        sde, trained = self.trajectory_steps(iteration, torch.Generator().manual_seed(iteration))
-        return {"sde_steps": sde, "trained_steps": trained, "group": "prompt",
-                "network_calls": g * num_steps + g * len(trained)}
+        splits, bf = self.split_steps(), self.config.method.branch_factor
+        calls, nodes = 0, 1
+        for i in range(self.config.sampling.num_steps):
+            calls += nodes
+            if i in splits:
+                nodes *= bf
+        return {"sde_steps": splits, "trained_steps": splits, "group": "prompt x depth",
+                "leaves": nodes, "network_calls": calls + sum(bf**d for d in range(len(splits)))}
 
 
-def build_method(config: Config) -> MethodRun:
+def build_method(config: Config) -> Method:
     name = config.method.name
     if name not in METHODS:
         raise ConfigError(f"method {name!r} is not known; available: {', '.join(METHODS)}")
-    return MethodRun(name=name, config=config, plan=make_plan(**plan_kwargs(config)))
-
+    return METHODS[name](config)

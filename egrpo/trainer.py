@@ -242,7 +242,7 @@ class Trainer:
         an E-GRPO group share theirs); inputs are chunked to ``update_batch`` with gradients accumulated."""
         cfg, sampling = self.config.train, self.config.sampling
         sigmas = self.method.sigmas
-        eta = sampling.eta * (self.config.method.branch_noise_scale if self.method.name == "branchgrpo" else 1.0)
+        eta = self.method.sde_eta()  # the noise level the rollout sampled with
         self.model.train()
         stats: dict[str, list[float]] = {}
         for j, ts in enumerate(ro.train_steps):
@@ -335,14 +335,14 @@ class Trainer:
                 ckpt.atomic_write_text(base_file, json.dumps(base_metrics))
         self.world.barrier()
         base = json.loads(base_file.read_text())
-        if main:
+        if main and self.method.uses_entropy_plan:
             tau = cfg.plan.tau if cfg.plan.merge == "adaptive" else None
             report.plot_plan(self.plan, tau, self.run_dir / "plan.png")
 
         started = time.perf_counter()
         elapsed_before = self._elapsed_before()
         previous = signal.signal(signal.SIGINT, self._request_stop)
-        bar = _progress(self.start_iteration, cfg.train.iterations, self.progress and main)
+        bar = _progress(self.start_iteration, cfg.train.iterations, self.progress and main, self.method.label)
         try:
             for it in range(self.start_iteration, cfg.train.iterations):
                 metrics = self.iteration(it)
@@ -375,7 +375,7 @@ class Trainer:
             "iterations": cfg.train.iterations,
             "seconds": self._elapsed_before(),
             "method": self.method.name,
-            "plan": {"active_steps": self.plan.active_steps, "merge_lengths": self.plan.merge_lengths},
+            "plan": self.method.describe(),
             "world_size": self.world.size,
             "weight_checksum": checksum,
             "rank_weight_checksums": checksums,
@@ -455,9 +455,9 @@ def default_run_dir(config: Config) -> Path:
     return Path("runs") / f"{config.method.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def _progress(start: int, total: int, enabled: bool):
+def _progress(start: int, total: int, enabled: bool, label: str):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, desc="E-GRPO", unit="it", dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc=label, unit="it", dynamic_ncols=True)

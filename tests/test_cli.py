@@ -10,20 +10,20 @@ import pytest
 
 from egrpo import config as cfg
 from egrpo.cli import build_parser, main, parse
-from egrpo.methods import METHOD_DEFAULTS
+from egrpo.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.stem for p in cfg.CONFIG_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("shipped", SHIPPED)
-@pytest.mark.parametrize("method", sorted(METHOD_DEFAULTS))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_a_method_on_a_shipped_config_is_that_method(shipped, method):
     """A shipped config's sampling and plan keys are E-GRPO's; --method dancegrpo must still mean DanceGRPO."""
     sources = {}
     config = cfg.load(shipped, [f"method.name={method}"], sources)
     flat = cfg.flat_values(config)
-    for key, value in METHOD_DEFAULTS[method].items():
+    for key, value in METHODS[method].defaults.items():
         assert flat[key] == value, f"{shipped} --method {method}: {key} is {flat[key]!r}, not {value!r}"
         assert sources[key] == f"method {method} defaults"
 

@@ -1,5 +1,8 @@
 """Each baseline is a configuration of the one engine: its plan, groups and network calls, and one real iteration."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -8,6 +11,7 @@ from egrpo import config as cfg
 from egrpo.methods import METHODS, build_method
 from egrpo.trainer import Trainer
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["train.prompts_per_iteration=2", "train.group_size=3", "eval.seeds_per_prompt=1"]
 
 
@@ -122,3 +126,35 @@ def test_egrpo_without_merging_equals_single_granularity_g2rpo(tmp_path, eval_pr
         Trainer(config, progress=False).train()
         runs[name] = load_file(str(tmp_path / name / "model.safetensors"))
     assert all(torch.equal(runs["egrpo"][k], runs["g2rpo"][k]) for k in runs["egrpo"])
+
+
+def test_a_new_method_is_one_class_and_trains_through_the_unchanged_trainer(tmp_path, eval_prompt_file, monkeypatch):
+    from egrpo.methods import TrajectoryMethod
+
+    class LastStep(TrajectoryMethod):
+        name, label = "last-step", "last step only"
+        defaults = {"train.group_size": 3}
+
+        def trajectory_steps(self, iteration, generator):
+            last = self.config.sampling.num_steps - 1
+            return [last], [last]
+
+    monkeypatch.setitem(METHODS, LastStep.name, LastStep)
+    config = cfg.load("embedded", ["method=last-step", "train.prompts_per_iteration=2", "eval.seeds_per_prompt=1",
+                                   f"prompts.eval={eval_prompt_file}", f"output_dir={tmp_path / 'run'}"])
+    assert config.train.group_size == 3
+    trainer = Trainer(config, progress=False)
+    metrics = trainer.iteration(0)
+    assert metrics["first_ratio_max_dev"] == 0.0
+    assert metrics["network_calls"] == 2 * trainer.method.describe()["network_calls"]
+
+
+def test_no_code_outside_the_registry_tests_a_method_name():
+    names = "|".join(re.escape(n) for n in METHODS)
+    compare = re.compile(rf"""(==|!=|\bin)\s*[(\[{{]?[^)\]}}\n]*["']({names})["']""")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{i}: {line.strip()}"
+        for path in sorted((ROOT / "egrpo").rglob("*.py")) if path.name != "methods.py"
+        for i, line in enumerate(path.read_text().splitlines(), 1) if compare.search(line)
+    ]
+    assert offenders == []
