@@ -93,13 +93,22 @@ def _prefixes(key: str) -> list[str]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.method:
+        args.overrides = [f"method.name={args.method}", *args.overrides]
     from egrpo import config as cfg
-    from egrpo.planner import make_plan
+    from egrpo.methods import BranchMethod, build_method
 
     config = cfg.load(args.config or "embedded", args.overrides)
-    plan = make_plan(**cfg.plan_kwargs(config))
+    method = build_method(config)
+    plan, described = method.plan, method.describe()
     if args.json:
-        print(json.dumps(plan.to_json(), indent=2))
+        print(json.dumps({**plan.to_json(), "method": {"name": method.name, **described}}, indent=2))
+        return 0
+    print(
+        f"method: {method.label}  SDE steps {described['sde_steps']}  trained steps {described['trained_steps']}  "
+        f"groups: {described['group']}  network calls per prompt: {described['network_calls']}"
+    )
+    if not isinstance(method, BranchMethod):  # no anchor to branch from: the merge table does not apply
         return 0
     p = config.plan
     rule = f"tau = {p.tau}" if p.merge == "adaptive" else p.merge
@@ -265,10 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--method", help="a method's defaults, as egrpo train --method")
     conf.set_defaults(func=cmd_config)
 
-    plan = sub.add_parser("plan", help="print the entropy plan: merge length per active step")
+    plan = sub.add_parser("plan", help="print the method's SDE and trained steps, and the entropy plan: merge "
+                                       "length per active step")
     plan.add_argument("config", nargs="?", help="config file or shipped config name (default: embedded)")
     plan.add_argument("overrides", nargs="*", help=overrides_help)
-    plan.add_argument("--json", action="store_true", help="print JSON (with the key merge_lengths)")
+    plan.add_argument("--json", action="store_true", help="print JSON (with the keys merge_lengths and method)")
+    plan.add_argument("--method", help="a method's defaults and schedule, as egrpo train --method")
     plan.set_defaults(func=cmd_plan)
 
     sample = sub.add_parser("sample", help="write an image grid for a prompt")

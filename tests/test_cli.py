@@ -81,3 +81,12 @@ def test_every_documented_command_parses(doc, line):
     words = shlex.split(line)
     argv = words[1:] if words[0] == "egrpo" else words[words.index("-m") + 2 :]
     parse(build_parser(), argv)  # a usage error exits
+
+
+def test_plan_shows_the_chosen_methods_schedule(capsys):
+    assert main(["plan", "--method", "dancegrpo"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("method: DanceGRPO  SDE steps [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]")
+    assert "merge_lengths" not in out  # no anchor to branch from: E-GRPO's merge table would be wrong here
+    assert main(["plan", "--json", "method=branchgrpo"]) == 0
+    assert '"group": "prompt x depth"' in capsys.readouterr().out
