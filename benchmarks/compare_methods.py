@@ -105,10 +105,13 @@ def markdown(summary: dict, budget: float, seeds: int, level: float) -> str:
     ]
     for method, r in summary.items():
         reached = [s for s in r["seconds_to_level"] if s is not None]
-        reach = f"{statistics.fmean(reached):.0f} ({len(reached)}/{seeds} seeds)" if reached else f"not reached (0/{seeds})"
+        reach = (
+            f"{statistics.fmean(reached):.0f} ({len(reached)}/{seeds} seeds)" if reached else f"not reached (0/{seeds})"
+        )
         lines.append(
             f"| {method} | {pm(r['alignment'])} | {pm(r['judge_accuracy'])} | {pm(r['quality'], 2)} "
-            f"| {r['iterations'][0]:.0f} | {r['seconds_per_iteration'][0]:.2f} | {r['network_calls_per_iteration']:.0f} | {reach} |"
+            f"| {r['iterations'][0]:.0f} | {r['seconds_per_iteration'][0]:.2f} "
+            f"| {r['network_calls_per_iteration']:.0f} | {reach} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not c.done:
                     c.step()
             done = sum(c.done for c in contenders)
-            print(f"\r{time.perf_counter() - started:6.0f} s: {done}/{len(contenders)} runs at budget", end="", flush=True)
+            elapsed = time.perf_counter() - started
+            print(f"\r{elapsed:6.0f} s: {done}/{len(contenders)} runs at budget", end="", flush=True)
     print()
     summary = summarise(contenders, args.level)
     table = markdown(summary, budget, seeds, args.level)

@@ -104,7 +104,10 @@ def ablate(sweeps: Sequence[str], seeds: int, iterations: int, out: Path, overri
                     cache[key] = [train_cell(key, seed, iterations, Path(tmp)) for seed in range(seeds)]
                 runs = cache[key]
                 rows[label] = {
-                    k: (statistics.fmean(r[k] for r in runs), statistics.stdev(r[k] for r in runs) if seeds > 1 else 0.0)
+                    k: (
+                        statistics.fmean(r[k] for r in runs),
+                        statistics.stdev(r[k] for r in runs) if seeds > 1 else 0.0,
+                    )
                     for k in (*REPORTED, "seconds")
                 }
                 rows[label]["paper_hps"] = paper

@@ -40,7 +40,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not (run_dir / "config.yaml").is_file():
             raise cfg.ConfigError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
         if args.config:
-            raise cfg.ConfigError("--resume takes the run's own config.yaml; pass overrides as key=value, not a config file")
+            raise cfg.ConfigError(
+                "--resume takes the run's own config.yaml; pass overrides as key=value, not a config file"
+            )
         config = cfg.load(str(run_dir / "config.yaml"), args.overrides)
         trainer = Trainer(config, run_dir, resume=True, progress=not args.no_progress)
     else:
@@ -263,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="config file or shipped config name (default: embedded)")
     train.add_argument("overrides", nargs="*", help=overrides_help)
     train.add_argument("--resume", metavar="RUN", help="continue the run in this directory from its last checkpoint")
-    train.add_argument("--method", help="egrpo (default), g2rpo, tempflow, flowgrpo, flowgrpo-fast, dancegrpo, mixgrpo, branchgrpo")
+    train.add_argument(
+        "--method", help="egrpo (default), g2rpo, tempflow, flowgrpo, flowgrpo-fast, dancegrpo, mixgrpo, branchgrpo"
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
@@ -304,14 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="held-out metrics of checkpoints with fixed seeds: JSON and a markdown table")
     ev.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                    help="run directories, .safetensors files or 'base' (the shipped base model); key=value overrides too")
+                    help="run directories, .safetensors files or 'base' (the shipped base model); "
+                         "key=value overrides too")
     ev.add_argument("--prompts", help="held-out prompt file, one prompt a line (default: the config's prompts.eval)")
-    ev.add_argument("--seeds", type=int, help="samples per prompt, each from a fixed seed (default: eval.seeds_per_prompt)")
+    ev.add_argument("--seeds", type=_positive,
+                    help="samples per prompt, each from a fixed seed (default: eval.seeds_per_prompt)")
     ev.add_argument("--labels", help="comma-separated row names, one per checkpoint (default: as given)")
     ev.add_argument("--out", default="eval", help="output directory (default: ./eval)")
     ev.set_defaults(func=cmd_eval)
 
-    abl = sub.add_parser("ablate", help="the paper's ablations (tau, merge strategy, trained steps) on the embedded task")
+    abl = sub.add_parser("ablate",
+                         help="the paper's ablations (tau, merge strategy, trained steps) on the embedded task")
     abl.add_argument("overrides", nargs="*", help=overrides_help)
     abl.add_argument("--sweeps", default="tau,merge,steps",
                      help="comma-separated: tau, merge, steps (default), methods (Table 1: every method)")

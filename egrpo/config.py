@@ -270,7 +270,8 @@ def apply(config: Config, values: dict[str, Any], source: str, sources: dict[str
 
 
 def _set_reward_option(config: Config, key: str, value: Any) -> None:
-    """``reward.NAME=w`` sets a weight; ``reward.NAME.OPTION=v`` sets an option (turning a bare weight into a mapping)."""
+    """``reward.NAME=w`` sets a weight; ``reward.NAME.OPTION=v`` sets an option (turning a bare weight into a
+    mapping)."""
     parts = key.split(".")
     if len(parts) == 2:
         entry = config.reward.get(parts[1])
@@ -381,7 +382,9 @@ def load(
                 f"{source} sets {', '.join(conflicts)}, which the command line's method {method} sets otherwise; "
                 f"name the value on the command line (e.g. {conflicts[0].split(' ')[0]}) or the method in the file"
             )
-    layers = [(source, file_values), (default_source, defaults)] if shipped else [(default_source, defaults), (source, file_values)]
+    layers = [(source, file_values), (default_source, defaults)]
+    if not shipped:
+        layers.reverse()
     config = Config()
     for layer_source, values in layers:
         apply(config, values, layer_source, sources)

@@ -130,7 +130,8 @@ def spread(config: cfg.Config, out: Path, batches: int = 2) -> dict:
         ax.errorbar(steps, [m for m, _ in values], yerr=[e for _, e in values], fmt="o-", ms=4, capsize=2,
                     color=color, label=name)
     for i in trained:
-        ax.axvspan(i - 0.5, i + 0.5, color="#fde2e4", zorder=0, label="steps E-GRPO trains" if i == trained[0] else None)
+        label = "steps E-GRPO trains" if i == trained[0] else None
+        ax.axvspan(i - 0.5, i + 0.5, color="#fde2e4", zorder=0, label=label)
     ax.set_xticks(steps, [f"{i}\n{length}" for i, length in zip(steps, lengths)], fontsize=7)
     ax.set_xlabel("step i where the group branches off the ODE anchor (below it: merged length l_i)")
     ax.set_ylabel("within-group reward std")
@@ -219,7 +220,8 @@ def grid(
         elif not same_samples(first, gen):
             raise cfg.ConfigError(
                 f"{checkpoint} evaluates other held-out samples (prompts, seeds or image size) than "
-                f"{checkpoints[0]}; pass --prompts FILE (and --seeds N, key=value overrides) so every column sees the same"
+                f"{checkpoints[0]}; pass --prompts FILE (and --seeds N, key=value overrides) so every column sees "
+                "the same"
             )
         label = labels[k] if labels else (checkpoint if checkpoint == "base" else _checkpoint_label(checkpoint))
         if label in columns:

@@ -12,13 +12,15 @@ the CLI only call these; adding a method is one class here.
 | method         | engine       | SDE / trained steps                          | groups                          |
 |----------------|--------------|----------------------------------------------|---------------------------------|
 | egrpo          | branches     | active steps, merged jumps (entropy tau)     | (prompt, merged step)           |
-| g2rpo          | branches     | active steps, single-step jumps              | (prompt, step), z summed over ODE granularities |
-| tempflow       | branches     | every step, single-step jumps                | (prompt, step); loss weighted by noise level |
+| g2rpo          | branches     | active steps, single-step jumps              | (prompt, step) [1]              |
+| tempflow       | branches     | every step, single-step jumps                | (prompt, step) [2]              |
 | flowgrpo       | trajectories | every step                                   | prompt (whole trajectories)     |
 | flowgrpo-fast  | trajectories | a random window of `window` steps            | prompt                          |
 | dancegrpo      | trajectories | every step SDE (constant noise), 60% trained | prompt (shared initial noise)   |
 | mixgrpo        | trajectories | a sliding window of `window` steps           | prompt (shared initial noise)   |
 | branchgrpo     | tree         | split steps (binary tree)                    | (prompt, tree depth)            |
+
+[1] z-scores summed over the ODE completion granularities. [2] the loss weighted by each step's noise level.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from egrpo.planner import RolloutPlan, make_plan
 from egrpo.policy import Cond, Policy
 from egrpo.rollout import Rollout, rollout_branches, rollout_trajectories, rollout_tree
 from egrpo.stepmath import noise_std
+
 
 def rescale(steps: list[int], authors_steps: int, num_steps: int) -> list[int]:
     """Map step indices of the authors' grid onto ours, keeping them distinct and on the grid."""
@@ -185,14 +188,17 @@ class FlowGRPOFast(TrajectoryMethod):
 
     def trajectory_steps(self, iteration, generator):
         # The window starts anywhere in the first half, where the paper finds the useful signal.
-        num_steps, window = self.config.sampling.num_steps, min(self.config.method.window, self.config.sampling.num_steps)
+        num_steps = self.config.sampling.num_steps
+        window = min(self.config.method.window, num_steps)
         return self._window(int(torch.randint(0, max(1, num_steps // 2 - window + 1), (1,), generator=generator)))
 
 
 @register
 class DanceGRPO(TrajectoryMethod):
     name, label = "dancegrpo", "DanceGRPO"
-    defaults = {"sampling.noise": "dance", "sampling.eta": 0.3, "plan.active_steps": "all", "method.train_fraction": 0.6}
+    defaults = {
+        "sampling.noise": "dance", "sampling.eta": 0.3, "plan.active_steps": "all", "method.train_fraction": 0.6,
+    }
     shared_noise = True
 
     def trajectory_steps(self, iteration, generator):

@@ -285,7 +285,9 @@ def rollout_tree(
             x_rep, v_rep = _expand(x, branch_factor), _expand(v, branch_factor)
             eps = per_prompt_noise(generators, (x_rep.shape[0] // p, *shape), policy.device)
             m = n * branch_factor
-            jump = sde_step(x_rep, v_rep, s_from[:1].expand(m), s_to[:1].expand(m), eta, float(sigmas[1]), eps, noise_kind)
+            jump = sde_step(
+                x_rep, v_rep, s_from[:1].expand(m), s_to[:1].expand(m), eta, float(sigmas[1]), eps, noise_kind
+            )
             d = len(records) + 1  # depth of the children
             span = branch_factor ** (depth - d)  # leaves under each child
             children = torch.arange(m)

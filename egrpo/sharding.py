@@ -92,7 +92,8 @@ def fill_from_safetensors(model: nn.Module, files: list[Path], device: torch.dev
                     rows = f.get_slice(name)
                     if tuple(rows.get_shape()) != tuple(target.shape):
                         raise CheckpointError(
-                            f"{file}: {name} has shape {tuple(rows.get_shape())}, the model expects {tuple(target.shape)}"
+                            f"{file}: {name} has shape {tuple(rows.get_shape())}, "
+                            f"the model expects {tuple(target.shape)}"
                         )
                     start, stop = local_rows(target)
                     if stop > start:
@@ -112,7 +113,9 @@ def check_weights_header(path: Path, module: nn.Module, arch: dict) -> None:
     saved = json.loads(meta["arch"]) if "arch" in meta else None
     if saved is not None and saved != json.loads(json.dumps(arch, sort_keys=True)):
         diff = {k: (saved.get(k), arch.get(k)) for k in set(saved) | set(arch) if saved.get(k) != arch.get(k)}
-        raise CheckpointError(f"{path} was saved for another architecture; differing fields (checkpoint, config): {diff}")
+        raise CheckpointError(
+            f"{path} was saved for another architecture; differing fields (checkpoint, config): {diff}"
+        )
     expected = {name: tuple(p.shape) for name, p in trainable_state(module).items()}
     wrong = sorted(k for k in expected if shapes.get(k) != expected[k])
     if wrong or set(shapes) - set(expected):
@@ -142,7 +145,9 @@ def write_safetensors_stream(
     offset = 0
     for name, (shape, dtype) in layout.items():
         size = torch.Size(shape).numel() * dtype.itemsize
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]
+        }
         offset += size
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)

@@ -5,8 +5,8 @@ Adding a model is one factory here plus its adapter module; the trainer never ch
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 

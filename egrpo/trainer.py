@@ -76,7 +76,8 @@ class Trainer:
         progress: bool = True,
         task: Task | None = None,
     ):
-        """``task``: a task built by the caller (e.g. a policy assembled in memory) instead of ``build_task(config)``."""
+        """``task``: a task built by the caller (e.g. a policy assembled in memory) instead of
+        ``build_task(config)``."""
         self.config = config
         self.progress = progress
         # Join the process group first: it pins this rank's CUDA device before any weights load.

@@ -20,7 +20,6 @@ from egrpo.embedded import assets
 from egrpo.sharding import local_part
 from egrpo.trainer import Trainer
 
-
 COLLECTIVES = {
     "all_reduce", "reduce", "broadcast", "all_gather", "gather", "scatter", "reduce_scatter", "all_to_all",
     "all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list", "barrier",

@@ -53,7 +53,8 @@ def test_ddp_keeps_ranks_identical_and_matches_one_process(tmp_path, eval_prompt
     a = load_file(str(tmp_path / "single" / "model.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "model.safetensors"))
     assert any(not torch.equal(a[k], DigitsPolicy().model.state_dict()[k]) for k in a)
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), "2 ranks x 2 prompts differ from 1 process x 4 prompts"
+    same = all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert same, "2 ranks x 2 prompts differ from 1 process x 4 prompts"
     # Only rank 0 wrote metrics: one line per iteration.
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2
 

@@ -109,7 +109,8 @@ def test_checkpoint_without_metadata_but_wrong_tensors(tmp_path):
 def test_not_a_safetensors_file(tmp_path, capsys):
     path = tmp_path / "junk.safetensors"
     path.write_bytes(b"not safetensors at all")
-    err = _cli_error(["sample", "--checkpoint", str(path), "--prompt", "a seven", "--num", "1", "--out", str(tmp_path / "x.png")], capsys)
+    args = ["sample", "--checkpoint", str(path), "--prompt", "a seven", "--num", "1", "--out", str(tmp_path / "x.png")]
+    err = _cli_error(args, capsys)
     assert "not a readable safetensors file" in err
 
 

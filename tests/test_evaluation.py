@@ -40,7 +40,8 @@ def test_cli_eval_of_the_base_model_writes_json_and_table(tmp_path, eval_prompt_
     assert 0.0 <= rows["base"]["alignment"] <= 1.0
     assert "| base |" in (out / "eval.md").read_text()
     # Fixed seeds: a second evaluation gives the same numbers.
-    assert main(["eval", "base", "--prompts", str(eval_prompt_file), "--seeds", "3", "--out", str(tmp_path / "again")]) == 0
+    args = ["eval", "base", "--prompts", str(eval_prompt_file), "--seeds", "3", "--out", str(tmp_path / "again")]
+    assert main(args) == 0
     assert json.loads((tmp_path / "again" / "eval.json").read_text()) == rows
     assert main(["eval", "base", "--prompts", str(eval_prompt_file), "--seeds", "3", "--labels", "shipped",
                  "--out", str(tmp_path / "named")]) == 0

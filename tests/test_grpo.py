@@ -68,7 +68,8 @@ def test_per_reward_normalisation_is_blind_to_each_rewards_scale():
     a, b = torch.randn(12, generator=g), torch.rand(12, generator=g)
     weights = {"a": 1.0, "b": 0.5, "unused": 0.0}
     adv = per_reward_advantages({"a": a, "b": b, "unused": b}, weights, leaves, groups, "mean", clip=5.0)
-    expected = transition_advantages(a, leaves, groups, "mean", 99) + 0.5 * transition_advantages(b, leaves, groups, "mean", 99)
+    expected = transition_advantages(a, leaves, groups, "mean", 99)
+    expected = expected + 0.5 * transition_advantages(b, leaves, groups, "mean", 99)
     assert torch.allclose(adv, expected, atol=1e-6)
     # Scaling or shifting one reward leaves the advantages alone (a weighted total would be dominated by it).
     scaled = per_reward_advantages({"a": 100 * a - 3, "b": b, "unused": b}, weights, leaves, groups, "mean", clip=5.0)

@@ -23,7 +23,8 @@ def test_adaptive_merge_matches_the_paper_oracle(tau):
 
 @pytest.mark.parametrize("tau", sorted(ORACLE))
 def test_plan_json_cli_matches_the_oracle(tau, capsys):
-    assert main(["plan", f"plan.tau={tau}", "sampling.num_steps=16", "plan.active_steps=[0,1,2,3,4,5,6,7]", "--json"]) == 0
+    args = ["plan", f"plan.tau={tau}", "sampling.num_steps=16", "plan.active_steps=[0,1,2,3,4,5,6,7]", "--json"]
+    assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["merge_lengths"] == ORACLE[tau]
     assert len(out["steps"]) == 16
@@ -48,7 +49,8 @@ def test_merge_is_capped_at_the_end_of_the_grid():
 
 def test_fixed_and_list_strategies():
     assert make_plan(merge="fixed", merge_length=4).merge_lengths == [4] * 8
-    assert make_plan(merge="fixed", merge_length=6, active_steps="second-half").merge_lengths == [6, 6, 6, 5, 4, 3, 2, 1]
+    plan = make_plan(merge="fixed", merge_length=6, active_steps="second-half")
+    assert plan.merge_lengths == [6, 6, 6, 5, 4, 3, 2, 1]
     assert make_plan(merge="list", active_steps=[0, 3], merge_lengths=[2, 5]).merge_lengths == [2, 5]
 
 

@@ -21,7 +21,8 @@ def test_generated_blocks_are_replaced_by_their_files(tmp_path):
     sync = _sync_module()
     (tmp_path / "t.md").write_text("| a |\n|---|\n| 1 |\n")
     text = "intro\n<!-- generated: t.md -->\nstale\n<!-- /generated -->\nend\n"
-    assert sync.synced(text, tmp_path) == "intro\n<!-- generated: t.md -->\n| a |\n|---|\n| 1 |\n<!-- /generated -->\nend\n"
+    expected = "intro\n<!-- generated: t.md -->\n| a |\n|---|\n| 1 |\n<!-- /generated -->\nend\n"
+    assert sync.synced(text, tmp_path) == expected
     with pytest.raises(FileNotFoundError, match="missing.md"):
         sync.synced("<!-- generated: missing.md -->\n<!-- /generated -->\n", tmp_path)
 

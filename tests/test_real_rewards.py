@@ -325,7 +325,7 @@ def _imagereward_score(sd, pixels, ids, mask):
     for i in range(LAYERS):
         p = f"{b}encoder.layer.{i}."
 
-        def attention(h, kv, block, m):
+        def attention(h, kv, block, m, p=p):
             a = _attend(_lin(h, sd, f"{p}{block}.self.query"), _lin(kv, sd, f"{p}{block}.self.key"),
                         _lin(kv, sd, f"{p}{block}.self.value"), 2, m)
             return _ln(_lin(a, sd, f"{p}{block}.output.dense") + h, sd, f"{p}{block}.output.LayerNorm", 1e-12)

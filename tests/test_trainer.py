@@ -100,7 +100,8 @@ def test_cli_train_writes_the_run_directory_and_sample_reads_it(tmp_path, tiny_o
         assert key in summary["base"] and key in summary["final"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     out = tmp_path / "seven.png"
-    assert main(["sample", "--checkpoint", str(run), "--prompt", "a handwritten seven", "--num", "4", "--out", str(out)]) == 0
+    args = ["sample", "--checkpoint", str(run), "--prompt", "a handwritten seven", "--num", "4", "--out", str(out)]
+    assert main(args) == 0
     assert out.stat().st_size > 1000
 
 
@@ -109,8 +110,8 @@ def test_embedded_run_raises_held_out_alignment(tmp_path, eval_prompt_file):
     prompts = tmp_path / "heldout.txt"
     prompts.write_text("\n".join(f"the numeral {w} in handwriting" for w in
                                  ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")))
-    config = cfg.load("embedded", [f"output_dir={tmp_path / 'learn'}", "train.iterations=6", "train.prompts_per_iteration=6",
-                                   "train.group_size=6", "plan.active_steps=first:4", "eval.seeds_per_prompt=3",
-                                   f"prompts.eval={prompts}"])
+    config = cfg.load("embedded", [f"output_dir={tmp_path / 'learn'}", "train.iterations=6",
+                                   "train.prompts_per_iteration=6", "train.group_size=6", "plan.active_steps=first:4",
+                                   "eval.seeds_per_prompt=3", f"prompts.eval={prompts}"])
     summary = Trainer(config, progress=False).train()
     assert summary["final"]["alignment"] > summary["base"]["alignment"] + 0.05

