@@ -127,21 +127,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from egrpo import config as cfg
+    from egrpo.evaluation import load_config
     from egrpo.planner import make_plan
     from egrpo.report import save_image_grid
     from egrpo.rollout import sample_images
     from egrpo.tasks import build_task
 
-    checkpoint = Path(args.checkpoint)
-    source = checkpoint / "config.yaml" if (checkpoint / "config.yaml").is_file() else None
-    overrides = [f"model.checkpoint={checkpoint}"] + args.overrides
-    config = cfg.load(str(source) if source else "embedded", overrides)
+    config = load_config(args.checkpoint, args.overrides)  # a run, one of its weights files, or 'base'
     task = build_task(config)
     plan = make_plan(**cfg.plan_kwargs(config))
     noise = torch.randn((args.num, *task.policy.latent_shape), generator=torch.Generator().manual_seed(args.seed))
     noise = noise.to(task.policy.device)
-    images = sample_images(task.policy, task.policy.encode([args.prompt] * args.num), noise, plan.sigmas)
+    cond = task.policy.encode([args.prompt] * args.num)
+    images = sample_images(task.policy, cond, noise, plan.sigmas, config.train.max_batch)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     save_image_grid(images, out, title=args.prompt)
     print(f"wrote {out} ({args.num} samples, seed {args.seed})")
     return 0
@@ -287,9 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_plan)
 
     sample = sub.add_parser("sample", help="write an image grid for a prompt")
-    sample.add_argument("--checkpoint", required=True, help="a run directory or a .safetensors weights file")
+    sample.add_argument("--checkpoint", required=True,
+                        help="a run directory, a .safetensors weights file (a run's config is found beside it) "
+                             "or 'base'")
     sample.add_argument("--prompt", required=True)
-    sample.add_argument("--num", type=int, default=16, help="number of samples (default 16)")
+    sample.add_argument("--num", type=_positive, default=16, help="number of samples (default 16)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
     sample.add_argument("overrides", nargs="*", help=overrides_help)
@@ -406,8 +408,6 @@ def main(argv: list[str] | None = None) -> int:
     from egrpo.checkpoint import CheckpointError
     from egrpo.config import ConfigError
 
-    if getattr(args, "func", None) is cmd_sample and args.num < 1:
-        parser.error("--num must be >= 1")
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError) as exc:

@@ -70,10 +70,23 @@ def reference_run(checkpoints: Sequence[str]) -> str | None:
     return next((c for c in checkpoints if (Path(c) / "config.yaml").is_file()), None)
 
 
+def run_of(checkpoint: str) -> Path | None:
+    """The run directory a checkpoint belongs to: itself, or the run holding a weights file or checkpoint
+    (``RUN/model.safetensors``, ``RUN/checkpoints/iter-N[/model.safetensors]``); None for 'base' or a loose file."""
+    path = Path(checkpoint)
+    if checkpoint == BASE:
+        return None
+    for folder in [path, *path.parents][:4]:
+        if (folder / "config.yaml").is_file():
+            return folder
+    return None
+
+
 def load_config(checkpoint: str, overrides: Sequence[str] = (), reference: str | None = None) -> cfg.Config:
-    """A run directory's own config with ``model.checkpoint`` pointing at it. 'base' and weights files take
-    the ``reference`` run's config (so FLUX's base is compared with FLUX runs), else the embedded default."""
-    run = checkpoint if (Path(checkpoint) / "config.yaml").is_file() else reference
+    """The config of the run ``checkpoint`` belongs to, with ``model.checkpoint`` pointing at it. 'base' and
+    loose weights files take the ``reference`` run's config (so FLUX's base is compared with FLUX runs), else
+    the embedded default."""
+    run = run_of(checkpoint) or reference
     config = cfg.load(str(Path(run) / "config.yaml") if run else "embedded", list(overrides))
     config.model.checkpoint = None if checkpoint == BASE else checkpoint
     return config

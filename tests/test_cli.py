@@ -90,3 +90,23 @@ def test_plan_shows_the_chosen_methods_schedule(capsys):
     assert "merge_lengths" not in out  # no anchor to branch from: E-GRPO's merge table would be wrong here
     assert main(["plan", "--json", "method=branchgrpo"]) == 0
     assert '"group": "prompt x depth"' in capsys.readouterr().out
+
+
+def test_sample_takes_base_or_a_runs_weights_file_and_creates_its_folder(tmp_path):
+    from egrpo.checkpoint import save_weights, trainable_state
+    from egrpo.embedded.assets import load_base_policy
+    from egrpo.evaluation import load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg.load("embedded", ["sampling.num_steps=4"]).dump(run / "config.yaml")
+    policy = load_base_policy()
+    save_weights(run / "model.safetensors", trainable_state(policy.model), policy.arch_config())
+    config = load_config(str(run / "model.safetensors"))
+    assert config.sampling.num_steps == 4  # the run's own config, not the embedded default
+    assert config.model.checkpoint == str(run / "model.safetensors")
+
+    out = tmp_path / "new" / "folder" / "seven.png"
+    assert main(["sample", "--checkpoint", "base", "--prompt", "a handwritten digit seven", "--num", "2",
+                 "--out", str(out), "sampling.num_steps=4"]) == 0
+    assert out.stat().st_size > 0
