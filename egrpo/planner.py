@@ -23,8 +23,6 @@ class Branch:
 
     step: int
     length: int
-    group: int  # samples of one prompt that share this branch are normalised together
-    entropy_single: float
     entropy_merged: float
 
     @property
@@ -169,10 +167,8 @@ def make_plan(
         Branch(
             step=i,
             length=l,
-            group=g,
-            entropy_single=step_entropy(sigmas, i, 1, eta),
             entropy_merged=step_entropy(sigmas, i, l, eta),
         )
-        for g, (i, l) in enumerate(zip(steps, lengths))
+        for i, l in zip(steps, lengths)
     ]
     return RolloutPlan(num_steps=num_steps, shift=shift, eta=eta, sigmas=sigmas, branches=branches)

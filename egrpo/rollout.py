@@ -218,7 +218,6 @@ def rollout_trajectories(
     noise_kind: NoiseKind = "flow",
     shared_noise: bool = False,
     max_batch: int = 1024,
-    step_weights: dict[int, float] | None = None,
 ) -> Rollout:
     """Flow-GRPO, DanceGRPO, MixGRPO: G whole trajectories per prompt, SDE at ``sde_steps`` and ODE
     elsewhere; transitions at ``train_steps`` are trained; one group per prompt."""
@@ -248,7 +247,7 @@ def rollout_trajectories(
     every = torch.arange(p * g)
     train = [
         TrainStep(step=i, landing=i + 1, inputs=x_in, cond_rows=rows, source=every, samples=sample,
-                  log_probs=lp, leaves=every[:, None], groups=rows, weight=(step_weights or {}).get(i, 1.0))
+                  log_probs=lp, leaves=every[:, None], groups=rows)
         for i, x_in, sample, lp in records
     ]
     return Rollout(train_steps=train, finals=x, final_rows=rows, network_calls=p * g * (len(sigmas) - 1))

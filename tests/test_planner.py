@@ -37,11 +37,6 @@ def test_plan_table_cli_prints_every_step(capsys):
     assert len([l for l in out.splitlines() if l.strip() and l.split()[0].isdigit()]) == 16
 
 
-def test_each_branch_is_its_own_group():
-    plan = make_plan()
-    assert [b.group for b in plan.branches] == list(range(8))
-
-
 def test_merge_is_capped_at_the_end_of_the_grid():
     plan = make_plan(active_steps="all", tau=100.0)
     assert [b.landing for b in plan.branches] == [16] * 16
