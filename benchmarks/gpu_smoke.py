@@ -224,14 +224,15 @@ def warm_up(trainer: Trainer) -> None:
 
 
 def plan_counts(config: cfg.Config) -> dict:
-    """What an E-GRPO iteration of ``config`` does, counted by the planner without running it."""
-    plan = build_method(config).plan
+    """What an E-GRPO iteration of ``config`` does, counted by its method without running it."""
+    method = build_method(config)
+    plan, calls = method.plan, method.describe()
     p, g = config.train.prompts_per_iteration, config.train.group_size
-    calls = plan.network_calls_per_prompt(g)
+    rollout = calls["network_calls"] - calls["update_calls"]
     return {
         "active_steps": plan.active_steps,
         "merge_lengths": plan.merge_lengths,
-        "network_calls": {"rollout": p * (calls["anchor"] + calls["branch_completion"]), "update": p * calls["update"]},
+        "network_calls": {"rollout": p * rollout, "update": p * calls["update_calls"]},
         "decoded_images": p * (len(plan.branches) * g + 1),  # every branch sample, and the anchor
     }
 

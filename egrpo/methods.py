@@ -88,7 +88,8 @@ class Method:
         raise NotImplementedError
 
     def describe(self, iteration: int = 0) -> dict:
-        """What an iteration does, for tests and the comparison table (group size G, P = 1 prompt)."""
+        """What an iteration does per prompt (group size G): SDE and trained steps, groups, and the one count of
+        its cost, ``network_calls`` (latents through the network), of which ``update_calls`` in the update."""
         raise NotImplementedError
 
 
@@ -109,9 +110,10 @@ class BranchMethod(Method):
         g, num_steps = self.config.train.group_size, self.config.sampling.num_steps
         grans = self.config.method.granularities
         completion = sum(-(-(num_steps - b.landing) // gr) for b in self.plan.branches for gr in grans) * g
+        update = len(self.plan.branches)  # one input per (prompt, branch): the group shares its anchor
         return {"sde_steps": self.plan.active_steps, "trained_steps": self.plan.active_steps,
                 "merge_lengths": self.plan.merge_lengths, "group": "prompt x step",
-                "network_calls": num_steps + completion + len(self.plan.branches)}
+                "network_calls": num_steps + completion + update, "update_calls": update}
 
 
 @register
@@ -164,7 +166,7 @@ class TrajectoryMethod(Method):
         g, num_steps = self.config.train.group_size, self.config.sampling.num_steps
         sde, trained = self.trajectory_steps(iteration, torch.Generator().manual_seed(iteration))
         return {"sde_steps": sde, "trained_steps": trained, "group": "prompt",
-                "network_calls": g * num_steps + g * len(trained)}
+                "network_calls": g * num_steps + g * len(trained), "update_calls": g * len(trained)}
 
     def _window(self, start: int) -> tuple[list[int], list[int]]:
         num_steps = self.config.sampling.num_steps
@@ -249,8 +251,9 @@ class BranchGRPO(Method):
             calls += nodes
             if i in splits:
                 nodes *= bf
+        update = sum(bf**d for d in range(len(splits)))  # one input per tree node that splits
         return {"sde_steps": splits, "trained_steps": splits, "group": "prompt x depth",
-                "leaves": nodes, "network_calls": calls + sum(bf**d for d in range(len(splits)))}
+                "leaves": nodes, "network_calls": calls + update, "update_calls": update}
 
 
 def build_method(config: Config) -> Method:

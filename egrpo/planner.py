@@ -46,11 +46,6 @@ class RolloutPlan:
     def active_steps(self) -> list[int]:
         return [b.step for b in self.branches]
 
-    def network_calls_per_prompt(self, group_size: int) -> dict[str, int]:
-        """Network evaluations (one latent each) an iteration spends per prompt, by phase."""
-        completion = sum(self.num_steps - b.landing for b in self.branches) * group_size
-        return {"anchor": self.num_steps, "branch_completion": completion, "update": len(self.branches)}
-
     def table(self) -> list[dict]:
         """One row per grid step, for ``egrpo plan`` and the plan figure."""
         by_step = {b.step: b for b in self.branches}

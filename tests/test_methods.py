@@ -66,6 +66,12 @@ def test_dancegrpo_all_sde_with_a_random_60_percent_trained():
     assert other != trained
 
 
+def test_egrpo_network_calls_per_prompt():
+    d = _method("egrpo", "plan.tau=0", "plan.active_steps=first:2", "train.group_size=3").describe()
+    # anchor 16; branch from step 0 lands at 1 (15 ODE steps left), from step 1 at 2 (14 left); G = 3; 2 updates
+    assert (d["network_calls"], d["update_calls"]) == (16 + (15 + 14) * 3 + 2, 2)
+
+
 def test_user_values_beat_method_defaults():
     assert _method("dancegrpo", "sampling.eta=0.5").config.sampling.eta == 0.5
 

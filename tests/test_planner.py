@@ -73,9 +73,3 @@ def test_active_step_specs(spec, expected):
 def test_bad_plans_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_plan(**kwargs)
-
-
-def test_network_calls_per_prompt():
-    plan = make_plan(tau=0.0, active_steps="first:2")
-    # anchor 16; branch from step 0 lands at 1 (15 ODE steps left), from step 1 at 2 (14 left); G = 3
-    assert plan.network_calls_per_prompt(3) == {"anchor": 16, "branch_completion": (15 + 14) * 3, "update": 2}

@@ -27,8 +27,8 @@ def test_shapes_groups_and_network_calls():
         assert ts.inputs.shape == (p, 16, 4)  # one policy input per prompt: the group shares it
         assert ts.samples.shape == (p * g, 16, 4)
         assert ts.groups.tolist() == [0] * g + [1] * g
-    calls = sum(plan.network_calls_per_prompt(g)[key] for key in ("anchor", "branch_completion")) * p
-    assert ro.network_calls == calls
+    # the anchor's T steps, then each branch member's ODE completion from where its jump lands
+    assert ro.network_calls == p * (plan.num_steps + g * sum(plan.num_steps - b.landing for b in plan.branches))
 
 
 def test_all_samples_of_a_group_share_their_input_bit_for_bit():
