@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(parser, sys.argv[1:] if argv is None else list(argv))
     _quiet_libraries()
     from egrpo.checkpoint import CheckpointError
-    from egrpo.config import ConfigError
+    from egrpo.errors import ConfigError
 
     try:
         return args.func(args)

@@ -19,11 +19,12 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from egrpo.errors import ConfigError
+from egrpo.methods import METHODS
+from egrpo.planner import make_plan, plan_kwargs
+from egrpo.rewards import available
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message says where and what to do."""
 
 
 @dataclass
@@ -92,20 +93,25 @@ class PlanConfig:
 @dataclass
 class TrainConfig:
     iterations: int = 300
+    """Optimizer iterations (each: one rollout per prompt, then one update per trained step; paper: 300)."""
     prompts_per_iteration: int = 8
     """Prompts per iteration (paper: 1 per GPU on 8 GPUs)."""
     group_size: int = 12
     """G, samples per (prompt, active step) group (paper code: 12)."""
     lr: float = 2e-6
+    """AdamW learning rate (paper: 2e-6 for full fine-tuning of FLUX; LoRA needs far more, e.g. 1e-4)."""
     weight_decay: float = 1e-4
+    """AdamW weight decay (paper: 1e-4)."""
     clip_range: float = 1e-4
     """PPO clip epsilon (paper: 1e-4)."""
     adv_clip: float = 5.0
+    """Advantages (group z-scores) are clipped to [-adv_clip, adv_clip] (paper code: 5)."""
     reward_normalization: str = "total"
     """'total': z-score the weighted sum of the rewards within each group (the paper). 'per_reward': z-score
     each reward within the group, then take the weighted sum, so rewards on different scales (a z-score
     beside a probability, HPS beside CLIP) weigh as their weights say."""
     max_grad_norm: float = 1.0
+    """Gradient norm clip of each optimizer step."""
     kl_coef: float = 0.0
     """Weight of the KL to the frozen base model (paper: 0, no KL)."""
     max_batch: int = 1024
@@ -134,6 +140,7 @@ class EvalConfig:
     seeds_per_prompt: int = 4
     """Samples per held-out prompt, each from a fixed seed (same seeds for base and trained model)."""
     seed: int = 1234
+    """Seed of the held-out initial noises (the same for every checkpoint compared)."""
     every: int = 0
     """Also evaluate every N iterations during training (0 = only base and final)."""
 
@@ -161,9 +168,11 @@ class MethodConfig:
 @dataclass
 class Config:
     seed: int = 0
+    """Seed of every iteration's prompt choice and noises (an iteration's generator is seeded by (seed, iteration))."""
     output_dir: Optional[str] = None
     """Run directory; None = runs/<method>-<timestamp>."""
     checkpoint_every: int = 10
+    """Iterations between checkpoints (also written at the end and on Ctrl-C)."""
     reward: dict = field(default_factory=lambda: {"alignment": 1.0})
     """Reward name -> weight, or name -> {weight: w, <option>: value} for rewards that take options
     (e.g. ``reward.hps.checkpoint=PATH``); the training reward is the weighted sum."""
@@ -350,8 +359,6 @@ def load(
     when the method comes from the command line and the file sets one of its keys to another value (which
     of the two was meant is not knowable). ``sources``, when given, receives where each set key came from.
     """
-    from egrpo.methods import METHODS
-
     file_values, source, shipped = {}, "defaults", False
     if name_or_path:
         path = resolve_path(name_or_path)
@@ -441,31 +448,13 @@ def validate(config: Config) -> None:
     for name, (weight, _) in reward_specs(config).items():
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise ConfigError(f"reward.{name}: the weight must be a number, got {weight!r}")
-    from egrpo.rewards import available
-
     unknown = [n for n in config.reward if n not in available()]
     if unknown:
         raise ConfigError(
             f"reward: unknown reward {unknown[0]!r}; available: {', '.join(available())}."
             + _suggest(unknown[0], available())
         )
-    from egrpo.planner import make_plan
-
     try:
         make_plan(**plan_kwargs(config))
     except ValueError as exc:
         raise ConfigError(f"plan: {exc}") from None
-
-
-def plan_kwargs(config: Config) -> dict:
-    s, p = config.sampling, config.plan
-    return dict(
-        num_steps=s.num_steps,
-        shift=s.shift,
-        eta=s.eta,
-        active_steps=p.active_steps,
-        merge=p.merge,
-        tau=p.tau,
-        merge_length=p.merge_length,
-        merge_lengths=p.merge_lengths,
-    )

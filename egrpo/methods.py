@@ -25,15 +25,18 @@ the CLI only call these; adding a method is one class here.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from egrpo.config import Config, ConfigError, plan_kwargs
-from egrpo.planner import RolloutPlan, make_plan
+from egrpo.errors import ConfigError
+from egrpo.planner import RolloutPlan, make_plan, plan_kwargs
 from egrpo.policy import Cond, Policy
 from egrpo.rollout import Rollout, rollout_branches, rollout_trajectories, rollout_tree
 from egrpo.stepmath import noise_std
+
+if TYPE_CHECKING:  # the config loader reads each method's defaults from this registry
+    from egrpo.config import Config
 
 
 def rescale(steps: list[int], authors_steps: int, num_steps: int) -> list[int]:

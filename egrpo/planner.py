@@ -8,11 +8,14 @@ means no merging. Fixed lengths (the paper's Table 2) and explicit lists are the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
 
 from egrpo.stepmath import step_entropy, time_grid
+
+if TYPE_CHECKING:
+    from egrpo.config import Config
 
 ActiveSteps = Union[str, Sequence[int]]
 
@@ -167,3 +170,18 @@ def make_plan(
         for i, l in zip(steps, lengths)
     ]
     return RolloutPlan(num_steps=num_steps, shift=shift, eta=eta, sigmas=sigmas, branches=branches)
+
+
+def plan_kwargs(config: Config) -> dict:
+    """:func:`make_plan`'s arguments from a config's ``sampling`` and ``plan`` sections."""
+    s, p = config.sampling, config.plan
+    return dict(
+        num_steps=s.num_steps,
+        shift=s.shift,
+        eta=s.eta,
+        active_steps=p.active_steps,
+        merge=p.merge,
+        tau=p.tau,
+        merge_length=p.merge_length,
+        merge_lengths=p.merge_lengths,
+    )

@@ -12,7 +12,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from egrpo.config import Config, ConfigError
+from egrpo.config import Config
+from egrpo.errors import ConfigError
 from egrpo.policy import Policy
 
 Metrics = Callable[[torch.Tensor, Sequence[str]], dict[str, float]]

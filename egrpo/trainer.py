@@ -23,8 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from egrpo import checkpoint as ckpt
-from egrpo.config import Config, ConfigError, reward_specs
+from egrpo.config import Config, reward_specs
 from egrpo.distributed import World
+from egrpo.errors import ConfigError
 from egrpo.grpo import grouped_std, kl_to_reference, per_reward_advantages, ppo_clip_loss, transition_advantages
 from egrpo.methods import build_method
 from egrpo.planner import RolloutPlan

@@ -10,14 +10,12 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import torch
 from safetensors.torch import load_file, safe_open
 
-from egrpo.embedded.model import DigitsPolicy, TinyFluxConfig
-
-if TYPE_CHECKING:  # the reward networks import this module's loaders
-    from egrpo.rewards.digits import DigitClassifier, DigitDensity
+from egrpo.embedded.model import DigitsPolicy, TinyFluxConfig, build_transformer
+from egrpo.embedded.networks import DigitClassifier, DigitDensity
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 BASE_POLICY = ASSET_DIR / "digits_base.safetensors"
@@ -58,10 +56,6 @@ def load_base_policy(path: Path | None = None) -> DigitsPolicy:
 def base_policy_on_meta() -> DigitsPolicy:
     """The base policy's architecture with its network on the meta device (no weights read): for FSDP,
     which shards it first and then reads each rank's rows of :data:`BASE_POLICY`."""
-    import torch
-
-    from egrpo.embedded.model import build_transformer
-
     arch = _base_arch(_require(BASE_POLICY))
     with torch.device("meta"):
         model = build_transformer(arch)
@@ -70,8 +64,6 @@ def base_policy_on_meta() -> DigitsPolicy:
 
 @lru_cache(maxsize=None)
 def load_reward_models(path: Path | None = None) -> RewardModels:
-    from egrpo.rewards.digits import DigitClassifier, DigitDensity
-
     tensors = load_file(str(_require(Path(path) if path else REWARD_MODELS)))
     parts = {}
     for name, module in (("classifier", DigitClassifier()), ("judge", DigitClassifier()), ("density", DigitDensity())):

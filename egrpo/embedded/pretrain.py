@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from egrpo.embedded.digits import digit_of, load_digits, train_prompts
 from egrpo.embedded.model import DigitsPolicy, TinyFluxConfig, pack
-from egrpo.rewards.digits import DigitClassifier, DigitDensity
+from egrpo.embedded.networks import DigitClassifier, DigitDensity
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, seed: int, steps: int = 1500) -> DigitClassifier:

@@ -17,7 +17,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from egrpo.config import ConfigError, ModelConfig
+from egrpo.config import ModelConfig
+from egrpo.errors import ConfigError
 from egrpo.models.text_cache import EmbeddingCache, compute_dtype, load_error, resolve_device
 from egrpo.policy import Cond
 

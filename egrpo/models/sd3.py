@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from egrpo.config import ConfigError, ModelConfig
+from egrpo.config import ModelConfig
+from egrpo.errors import ConfigError
 from egrpo.models.pipeline import PipelinePolicy
 from egrpo.models.text_cache import EmbeddingCache
 from egrpo.policy import Cond

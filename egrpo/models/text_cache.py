@@ -28,7 +28,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from egrpo.config import ConfigError, ModelConfig
+from egrpo.config import ModelConfig
+from egrpo.errors import ConfigError
 from egrpo.policy import Cond
 
 KINDS = ("flux", "sd3")

@@ -10,6 +10,8 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
+from egrpo.errors import ConfigError
+
 
 class Reward(Protocol):
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
@@ -35,14 +37,10 @@ def build(name: str, **options) -> Reward:
 
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        from egrpo.config import ConfigError
-
         raise ConfigError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY))}.{hint}")
     try:
         return _REGISTRY[name](**options)
     except TypeError as exc:
-        from egrpo.config import ConfigError
-
         raise ConfigError(f"reward {name!r}: bad options {sorted(options)} ({exc})") from None
 
 

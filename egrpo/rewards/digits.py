@@ -1,4 +1,4 @@
-"""Rewards of the embedded digits task, with the small networks behind them.
+"""Rewards of the embedded digits task (the networks behind them are in :mod:`egrpo.embedded.networks`).
 
 - ``alignment`` (the CLIP-score analogue): the probability, under a CNN trained on real digits, that
   the image shows the digit the prompt names.
@@ -12,69 +12,18 @@ too, so a policy that fools the reward classifier without drawing the digit show
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
-from torch import nn
 
+from egrpo.embedded import assets
 from egrpo.embedded.digits import digits_of
-
-QUALITY_FLOOR = -10.0
-
-
-class DigitClassifier(nn.Module):
-    def __init__(self, width: int = 16):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.ReLU(),
-            nn.AvgPool2d(2),
-            nn.Flatten(),
-            nn.Linear(2 * width * 16, 64),
-            nn.ReLU(),
-            nn.Linear(64, 10),
-        )
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images * 2.0 - 1.0)
-
-
-class DigitDensity(nn.Module):
-    """Full-covariance Gaussian mixture over the 64 pixels, scored in torch (parameters from scikit-learn)."""
-
-    def __init__(self, components: int = 10, dim: int = 64):
-        super().__init__()
-        self.register_buffer("log_weights", torch.zeros(components))
-        self.register_buffer("means", torch.zeros(components, dim))
-        self.register_buffer("precision_chol", torch.eye(dim).repeat(components, 1, 1))
-        self.register_buffer("real_mean", torch.zeros(()))
-        self.register_buffer("real_std", torch.ones(()))
-
-    def log_likelihood(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.flatten(1).double()
-        diff = x[:, None, :] - self.means.double()[None]
-        y = torch.einsum("bkd,kde->bke", diff, self.precision_chol.double())
-        log_det = torch.log(torch.diagonal(self.precision_chol.double(), dim1=-2, dim2=-1)).sum(-1)
-        log_prob = -0.5 * (y**2).sum(-1) - 0.5 * x.shape[1] * math.log(2 * math.pi) + log_det
-        return torch.logsumexp(log_prob + self.log_weights.double(), dim=1).float()
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        z = (self.log_likelihood(images) - self.real_mean) / self.real_std
-        return z.clamp(min=QUALITY_FLOOR)
-
-
-def _assets():
-    from egrpo.embedded import assets
-
-    return assets.load_reward_models()
+from egrpo.embedded.networks import DigitClassifier, DigitDensity
 
 
 class AlignmentReward:
     def __init__(self, classifier: DigitClassifier | None = None):
-        self.classifier = classifier if classifier is not None else _assets().classifier
+        self.classifier = classifier if classifier is not None else assets.load_reward_models().classifier
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -84,7 +33,7 @@ class AlignmentReward:
 
 class QualityReward:
     def __init__(self, density: DigitDensity | None = None):
-        self.density = density if density is not None else _assets().density
+        self.density = density if density is not None else assets.load_reward_models().density
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

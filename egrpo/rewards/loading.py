@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 import torch
 
+from egrpo.errors import ConfigError
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -76,15 +78,11 @@ def resolve_device(reward: str, device: str | None) -> torch.device:
     try:
         return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
-        from egrpo.config import ConfigError
-
         raise ConfigError(f"reward.{reward}.device: expected cuda, cuda:N or cpu, got {device!r}") from None
 
 
 def resolve_dtype(reward: str, dtype: str) -> torch.dtype:
     if dtype not in _DTYPES:
-        from egrpo.config import ConfigError
-
         raise ConfigError(f"reward.{reward}.dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
     return _DTYPES[dtype]
 
