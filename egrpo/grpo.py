@@ -1,4 +1,4 @@
-"""The GRPO objective (method.md sections 5-6): group-normalised advantages and the PPO-clip loss."""
+"""The GRPO objective (docs/method.md sections 5-6): group-normalised advantages and the PPO-clip loss."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def per_reward_advantages(
     reduce: str, clip: float,
 ) -> torch.Tensor:
     """``sum_k w_k z_k``, each reward k z-scored within the groups on its own, then clipped: a reward's
-    scale no longer decides its share of the advantage (method.md section 5, the optional variant)."""
+    scale no longer decides its share of the advantage (docs/method.md section 5, the optional variant)."""
     total = sum(
         weight * transition_advantages(parts[name], leaves, groups, reduce, float("inf"))
         for name, weight in weights.items()

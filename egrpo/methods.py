@@ -1,4 +1,4 @@
-"""E-GRPO and the paper's baselines as configurations of one engine (../shared/baselines.md).
+"""E-GRPO and the paper's baselines as configurations of one engine (the README's methods table).
 
 Each method answers two questions: which steps are stochastic (SDE) and trained, and how samples
 are grouped for the advantage. The answer is a rollout engine call; the trainer, the advantage rule

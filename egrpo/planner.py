@@ -1,6 +1,6 @@
 """The entropy planner: which denoising steps branch, how far each merged SDE jump reaches, which group it forms.
 
-E-GRPO (method.md section 3): for each active step i, the merge length is the smallest l >= 1 whose
+E-GRPO (docs/method.md section 3): for each active step i, the merge length is the smallest l >= 1 whose
 merged jump i -> i + l reaches the entropy threshold tau (capped at the end of the grid); tau = 0
 means no merging. Fixed lengths (the paper's Table 2) and explicit lists are the other strategies.
 """

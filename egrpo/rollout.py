@@ -1,6 +1,6 @@
 """The rollout engines: they turn prompts into trained transitions and final latents to score.
 
-``rollout_branches`` is E-GRPO (method.md section 4): per prompt ONE initial noise; the
+``rollout_branches`` is E-GRPO (docs/method.md section 4): per prompt ONE initial noise; the
 deterministic ODE anchor over all T steps; then, for every active step i, G samples leave the anchor
 latent x_i with one merged SDE jump i -> i + l_i (independent noise) and finish by ODE. All samples
 of all prompts and all branches run in lock-step through one batched network call per grid step,

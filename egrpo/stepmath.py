@@ -1,4 +1,4 @@
-"""Step math of E-GRPO: every formula of method.md sections 1-3, as pure tensor functions.
+"""Step math of E-GRPO: every formula of docs/method.md sections 1-3, as pure tensor functions.
 
 Conventions: flow time ``sigma`` runs from 1 (noise) to 0 (data), ``x_sigma = (1 - sigma) x0 + sigma eps``
 and the network predicts the velocity ``v = eps - x0``. Step ``i`` goes from ``sigmas[i]`` to

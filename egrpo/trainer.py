@@ -1,6 +1,6 @@
 """The E-GRPO trainer: composes plan, rollout, rewards, advantages and the PPO-clip update; owns no formula.
 
-One iteration (method.md sections 4-6): pick prompts; roll out the plan (anchor ODE, one merged
+One iteration (docs/method.md sections 4-6): pick prompts; roll out the plan (anchor ODE, one merged
 SDE jump per active step and group member, ODE completion); score every final image; z-score the
 rewards within each (prompt, step) group; then, for each active step, evaluate the policy ONCE per
 prompt on the shared anchor latent, compute the G log-probs from that output and take one
