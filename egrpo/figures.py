@@ -48,7 +48,7 @@ def entropy(config: cfg.Config, out: Path, max_length: int = 6) -> dict:
     sigmas = time_grid(s.num_steps, s.shift)
     plan = make_plan(**cfg.plan_kwargs(config))
     curves = {
-        l: [step_entropy(sigmas, i, l, s.eta) if i + l <= s.num_steps else None for i in range(s.num_steps)]
+        l: [step_entropy(sigmas, i, l, s.eta, s.noise) if i + l <= s.num_steps else None for i in range(s.num_steps)]
         for l in range(1, max_length + 1)
     }
     fig, ax = plt.subplots(figsize=(7.5, 4))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
 
-from egrpo.stepmath import step_entropy, time_grid
+from egrpo.stepmath import NoiseKind, step_entropy, time_grid
 
 if TYPE_CHECKING:
     from egrpo.config import Config
@@ -39,6 +39,7 @@ class RolloutPlan:
     shift: float
     eta: float
     sigmas: torch.Tensor  # fp64, T + 1 values
+    noise: NoiseKind = "flow"  # the SDE whose entropy the plan measured
     branches: list[Branch] = field(default_factory=list)
 
     @property
@@ -60,7 +61,7 @@ class RolloutPlan:
                     "step": i,
                     "sigma": float(self.sigmas[i]),
                     "dt": float(self.sigmas[i + 1] - self.sigmas[i]),
-                    "entropy": step_entropy(self.sigmas, i, 1, self.eta),
+                    "entropy": step_entropy(self.sigmas, i, 1, self.eta, self.noise),
                     "active": branch is not None,
                     "merge_length": branch.length if branch else None,
                     "merged_entropy": branch.entropy_merged if branch else None,
@@ -115,11 +116,11 @@ def resolve_active_steps(spec: ActiveSteps, num_steps: int) -> list[int]:
     return sorted(steps)
 
 
-def adaptive_length(sigmas: torch.Tensor, step: int, eta: float, tau: float) -> int:
+def adaptive_length(sigmas: torch.Tensor, step: int, eta: float, tau: float, noise: NoiseKind = "flow") -> int:
     """Smallest l >= 1 with H(step, l) >= tau, capped so the jump ends on the grid."""
     num_steps = len(sigmas) - 1
     length = 1
-    while length < num_steps - step and step_entropy(sigmas, step, length, eta) < tau:
+    while length < num_steps - step and step_entropy(sigmas, step, length, eta, noise) < tau:
         length += 1
     return length
 
@@ -133,8 +134,9 @@ def make_plan(
     tau: float = 2.2,
     merge_length: int = 1,
     merge_lengths: Sequence[int] | None = None,
+    noise: NoiseKind = "flow",
 ) -> RolloutPlan:
-    """Build the E-GRPO rollout plan.
+    """Build the E-GRPO rollout plan. ``noise``: the SDE of the rollout (its std_t enters the entropy).
 
     merge: 'adaptive' (threshold ``tau``; 0 = no merging), 'fixed' (every jump ``merge_length`` steps,
     capped at the grid's end) or 'list' (``merge_lengths``, one per active step).
@@ -144,7 +146,7 @@ def make_plan(
     sigmas = time_grid(num_steps, shift)
     steps = resolve_active_steps(active_steps, num_steps)
     if merge == "adaptive":
-        lengths = [adaptive_length(sigmas, i, eta, tau) for i in steps]
+        lengths = [adaptive_length(sigmas, i, eta, tau, noise) for i in steps]
     elif merge == "fixed":
         if merge_length < 1:
             raise ValueError(f"merge_length must be >= 1, got {merge_length}")
@@ -165,11 +167,11 @@ def make_plan(
         Branch(
             step=i,
             length=l,
-            entropy_merged=step_entropy(sigmas, i, l, eta),
+            entropy_merged=step_entropy(sigmas, i, l, eta, noise),
         )
         for i, l in zip(steps, lengths)
     ]
-    return RolloutPlan(num_steps=num_steps, shift=shift, eta=eta, sigmas=sigmas, branches=branches)
+    return RolloutPlan(num_steps=num_steps, shift=shift, eta=eta, sigmas=sigmas, branches=branches, noise=noise)
 
 
 def plan_kwargs(config: Config) -> dict:
@@ -184,4 +186,5 @@ def plan_kwargs(config: Config) -> dict:
         tau=p.tau,
         merge_length=p.merge_length,
         merge_lengths=p.merge_lengths,
+        noise=s.noise,
     )

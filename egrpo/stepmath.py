@@ -131,18 +131,19 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     return log_density.flatten(1).mean(dim=1)
 
 
-def step_entropy(sigmas: torch.Tensor, step: int, length: int, eta: float) -> float:
+def step_entropy(sigmas: torch.Tensor, step: int, length: int, eta: float, kind: NoiseKind = "flow") -> float:
     """Per-dimension exponentiated entropy ``H(i, l) = sqrt(2 pi e * std_t(sigma_i)^2 * (sigma_i - sigma_{i+l}))``.
 
     The jump is Gaussian with covariance ``std_t^2 (-dt) I``; its differential entropy per dimension
     is ``0.5 log(2 pi e std_t^2 (-dt))`` and H is its exponential. This scale reproduces the paper's
-    thresholds (tau = 1.8 .. 2.6) on the FLUX grid (T = 16, shift 3, eta 0.7).
+    thresholds (tau = 1.8 .. 2.6) on the FLUX grid (T = 16, shift 3, eta 0.7). ``kind``: the SDE the
+    rollout samples with, whose std_t the entropy must use.
     """
     num_steps = len(sigmas) - 1
     if not 0 <= step < num_steps or length < 1 or step + length > num_steps:
         raise ValueError(f"step {step} with length {length} does not fit a grid of {num_steps} steps")
     sigma_i = sigmas[step].double()
-    std = flow_noise_std(sigma_i, eta, float(sigmas[1]))
+    std = noise_std(sigma_i, eta, float(sigmas[1]), kind)
     drop = sigma_i - sigmas[step + length].double()
     return float(torch.sqrt(TWO_PI_E * std**2 * drop))
 

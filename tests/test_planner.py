@@ -2,8 +2,9 @@ import json
 
 import pytest
 
+from egrpo import config as cfg
 from egrpo.cli import main
-from egrpo.planner import make_plan, resolve_active_steps
+from egrpo.planner import make_plan, plan_kwargs, resolve_active_steps
 
 ORACLE = {
     2.2: [1, 1, 2, 2, 2, 3, 3, 3],
@@ -73,3 +74,17 @@ def test_active_step_specs(spec, expected):
 def test_bad_plans_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_plan(**kwargs)
+
+
+def test_the_plan_measures_the_entropy_of_the_sde_the_rollout_samples():
+    """With DanceGRPO's constant noise, std_t is eta at every step, not Flow-GRPO's sqrt(sigma / (1 - sigma))."""
+    import math
+
+    dance = make_plan(noise="dance", eta=0.7, tau=0.5, active_steps="first:4")
+    sig = dance.sigmas
+    for row in dance.table()[:4]:
+        i = row["step"]
+        assert row["entropy"] == pytest.approx(math.sqrt(2 * math.pi * math.e * 0.49 * float(sig[i] - sig[i + 1])))
+    assert dance.merge_lengths != make_plan(noise="flow", eta=0.7, tau=0.5, active_steps="first:4").merge_lengths
+    assert cfg.load("embedded", ["sampling.noise=dance"]).sampling.noise == "dance"
+    assert plan_kwargs(cfg.load("embedded", ["sampling.noise=dance"]))["noise"] == "dance"
