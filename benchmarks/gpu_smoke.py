@@ -239,8 +239,9 @@ def plan_counts(config: cfg.Config) -> dict:
 
 def flux_dev_run(args, size: dict, cuda: bool) -> dict:
     """One timed iteration of a reduced plan on a policy assembled in memory, extrapolated to the full plan."""
+    from egrpo.devices import resolve_device
     from egrpo.models.flux import FluxPolicy
-    from egrpo.models.text_cache import EmbeddingCache, resolve_device
+    from egrpo.models.text_cache import EmbeddingCache
     from egrpo.tasks import Task
 
     sync = synchronizer(cuda)

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from egrpo.config import ModelConfig
+from egrpo.devices import resolve_device
 from egrpo.errors import ConfigError
-from egrpo.models.text_cache import EmbeddingCache, compute_dtype, load_error, resolve_device
+from egrpo.models.text_cache import EmbeddingCache, compute_dtype, load_error
 from egrpo.policy import Cond
 
 # Flow-GRPO's LoRA targets: the q/k/v/out projections of both streams of the joint attention.

@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from egrpo.config import ModelConfig
+from egrpo.devices import resolve_device
 from egrpo.errors import ConfigError
 from egrpo.policy import Cond
 
@@ -39,22 +40,6 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float
 _TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 
 Encoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``model.device``; None picks a GPU when there is one. A GPU without an index is this process's:
-    torchrun's LOCAL_RANK, since the policy loads before the trainer joins the process group."""
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"model.device: {name!r} is not a device (e.g. 'cuda', 'cuda:1', 'cpu')") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"model.device={name!r}, but torch sees no CUDA device (set model.device=cpu)")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
 
 
 def compute_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:

@@ -22,13 +22,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from egrpo.devices import resolve_device
 from egrpo.rewards.loading import (
     RewardWeightsError,
     freeze,
     load_pretrained,
     locate_file,
     read_checkpoint,
-    resolve_device,
     resolve_dtype,
     skip_weight_init,
 )
@@ -81,7 +81,7 @@ class ClipFamilyReward:
     ):
         from transformers import CLIPTokenizer
 
-        self.device, self.dtype = resolve_device(self.name, device), resolve_dtype(self.name, dtype)
+        self.device, self.dtype = resolve_device(device, f"reward.{self.name}.device"), resolve_dtype(self.name, dtype)
         self.batch_size = batch_size
         self.hint = f"pass reward.{self.name}.checkpoint=PATH ({self.checkpoint_source})"
         model = self._load_model(checkpoint)

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from egrpo.devices import resolve_device
 from egrpo.rewards.clip_family import as_rgb, clip_preprocess
 from egrpo.rewards.loading import (
     RewardWeightsError,
@@ -20,7 +21,6 @@ from egrpo.rewards.loading import (
     load_pretrained,
     locate_file,
     read_checkpoint,
-    resolve_device,
     resolve_dtype,
     skip_weight_init,
 )
@@ -70,7 +70,8 @@ class ImageReward:
 
         from egrpo.rewards.convert import CheckpointLayoutError, imagereward_to_blip
 
-        self.device, self.dtype = resolve_device("imagereward", device), resolve_dtype("imagereward", dtype)
+        self.device = resolve_device(device, "reward.imagereward.device")
+        self.dtype = resolve_dtype("imagereward", dtype)
         self.batch_size = batch_size
         hint = (
             f"pass reward.imagereward.checkpoint=PATH ({self.FILENAME} from https://huggingface.co/THUDM/ImageReward, "

@@ -74,13 +74,6 @@ def load_pretrained(reward: str, cls, name: str, what: str, hint: str):
         ) from None
 
 
-def resolve_device(reward: str, device: str | None) -> torch.device:
-    try:
-        return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ConfigError(f"reward.{reward}.device: expected cuda, cuda:N or cpu, got {device!r}") from None
-
-
 def resolve_dtype(reward: str, dtype: str) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ConfigError(f"reward.{reward}.dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
