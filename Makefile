@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/engine_overhead.py
 
-# The README's figures and tables, regenerated from scratch (about 15 minutes on 2 cores): the main job, every
+# The figures and tables of the README and docs/results.md, regenerated from scratch (about 15 minutes on 2 cores): the main job, every
 # method trained for the same 20 iterations from the shipped base, plus runs on the preference reward
 # alone (it gets hacked) and with alignment beside it (the paper's HPS vs HPS + CLIP). Runs go to
 # runs/figures/, which this target replaces.

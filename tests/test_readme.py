@@ -1,5 +1,5 @@
-"""The README shows generated numbers and figures only: every table block matches its results file and
-every image it links exists."""
+"""The README and docs/results.md show generated numbers and figures only: every table block matches its
+results file and every image they link exists."""
 
 import importlib.util
 import re
@@ -31,7 +31,9 @@ def test_readme_tables_match_their_results_files():
     assert _sync_module().main(["--check"]) == 0
 
 
-def test_readme_images_exist():
-    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (ROOT / "README.md").read_text())
+@pytest.mark.parametrize("document", ["README.md", "docs/results.md"])
+def test_linked_images_exist(document):
+    path = ROOT / document
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", path.read_text())
     assert links
-    assert [l for l in links if not (ROOT / l).is_file()] == []
+    assert [link for link in links if not (path.parent / link).is_file()] == []
