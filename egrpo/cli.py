@@ -324,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("overrides", nargs="*", help=overrides_help)
     abl.add_argument("--sweeps", default="tau,merge,steps",
                      help="comma-separated: tau, merge, steps (default), methods (Table 1: every method)")
-    abl.add_argument("--seeds", type=int, help="seeds per cell (default 3, quick 2)")
-    abl.add_argument("--iterations", type=int, help="iterations per cell (default 20, quick 6)")
+    abl.add_argument("--seeds", type=_positive, help="seeds per cell (default 3, quick 2)")
+    abl.add_argument("--iterations", type=_positive, help="iterations per cell (default 20, quick 6)")
     abl.add_argument("--quick", action="store_true", help="reduced budget: 6 iterations x 2 seeds per cell")
     abl.add_argument("--out", default="ablation", help="output directory (default: ./ablation)")
     abl.set_defaults(func=cmd_ablate)
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("pretrain", help="rebuild the embedded base model and reward networks")
     pre.add_argument("--out", default="pretrained", help="output directory (default: ./pretrained)")
-    pre.add_argument("--flow-steps", type=int, default=200, help="flow-matching steps of the base model")
+    pre.add_argument("--flow-steps", type=_positive, default=200, help="flow-matching steps of the base model")
     pre.add_argument("--seed", type=int, default=0)
     pre.set_defaults(func=cmd_pretrain)
     return parser

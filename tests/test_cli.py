@@ -110,3 +110,13 @@ def test_sample_takes_base_or_a_runs_weights_file_and_creates_its_folder(tmp_pat
     assert main(["sample", "--checkpoint", "base", "--prompt", "a handwritten digit seven", "--num", "2",
                  "--out", str(out), "sampling.num_steps=4"]) == 0
     assert out.stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv", [["ablate", "--seeds", "0"], ["ablate", "--iterations", "-1"],
+                                  ["eval", "base", "--seeds", "0"], ["sample", "--checkpoint", "base", "--prompt",
+                                                                     "a seven", "--num", "0"],
+                                  ["pretrain", "--flow-steps", "0"]])
+def test_counts_must_be_positive(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse(build_parser(), argv)
+    assert exit_.value.code == 2 and "must be >= 1" in capsys.readouterr().err
