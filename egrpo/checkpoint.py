@@ -23,6 +23,15 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def fsync(path: Path) -> None:
+    """Flush a file's, or a directory's entries', data to disk: a rename is durable only once its directory is."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -30,6 +39,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync(path.parent)
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -43,7 +53,9 @@ def save_weights(path: Path, tensors: dict[str, torch.Tensor], arch: dict) -> No
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, str(tmp), metadata={"arch": json.dumps(arch, sort_keys=True)})
+    fsync(tmp)
     os.replace(tmp, path)
+    fsync(path.parent)
 
 
 def read_weights(path: Path, module: torch.nn.Module, arch: dict) -> dict[str, torch.Tensor]:
@@ -68,6 +80,12 @@ def read_weights(path: Path, module: torch.nn.Module, arch: dict) -> dict[str, t
         raise CheckpointError(
             f"{path} was saved for another architecture; differing fields (checkpoint, config): {diff}. "
             "Use a checkpoint of this model, or set the model config to match it."
+        )
+    nonfinite = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if nonfinite:
+        raise CheckpointError(
+            f"{path}: {len(nonfinite)} tensors hold NaN or inf values (e.g. {nonfinite[0]}); these weights come "
+            "from a diverged run: use an earlier checkpoint"
         )
     expected = trainable_state(module)
     missing = sorted(set(expected) - set(tensors))
@@ -114,9 +132,14 @@ def _paths(run_dir: Path, iteration: int) -> tuple[Path, Path, Path]:
 
 
 def _publish(root: Path, tmp: Path, final: Path) -> Path:
-    """Rename the finished temporary directory into place, point ``latest`` at it, drop older checkpoints."""
+    """Rename the finished temporary directory into place, point ``latest`` at it, drop older checkpoints.
+    Everything is on disk before the old checkpoint goes: a power loss, not only a kill, leaves one whole."""
+    for file in tmp.iterdir():
+        fsync(file)
+    fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    fsync(root)
     atomic_write_text(root / "latest", final.name)
     for old in root.glob("iter-*"):
         if old != final:
@@ -192,6 +215,35 @@ def load_sharded_checkpoint(path: Path, shards: dict, arch: dict, whole: bool = 
         raise CheckpointError(f"{path}: the sharded checkpoint does not fit this model and optimizer ({exc})") from None
     state.pop("format", None)
     return state
+
+
+class RunLock:
+    """An advisory lock on a run directory for the life of the process that trains in it, so a second
+    ``egrpo train`` (or ``--resume``) of the same directory is refused instead of interleaving writes."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+
+        self.path = Path(run_dir) / "lock"
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise CheckpointError(
+                f"{run_dir} is in use by {holder} (lock {self.path}); wait for that run to end or stop it, "
+                "or pick another output_dir"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"process {os.getpid()}")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # closing drops the flock
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -406,10 +406,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(parser, sys.argv[1:] if argv is None else list(argv))
     _quiet_libraries()
     from egrpo.checkpoint import CheckpointError
-    from egrpo.errors import ConfigError
+    from egrpo.errors import ConfigError, TrainingStopped
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, OSError) as exc:
         print(f"egrpo {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:
+        print(f"egrpo {args.command}: stopped: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before a run existed (loading, start-up): nothing to resume, nothing lost
+        print(f"egrpo {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -125,6 +126,9 @@ class TrainConfig:
     memory of fp32), float32 on the CPU."""
     update_batch: int = 64
     """Most distinct inputs per forward-backward in the update; larger steps accumulate gradients over chunks."""
+    max_skipped_steps: int = 10
+    """An optimizer step whose rewards or gradient norm are not finite is skipped (and counted in metrics.jsonl);
+    this many skipped in a row stop the run, leaving its last checkpoint untouched."""
 
 
 @dataclass
@@ -422,6 +426,7 @@ def validate(config: Config) -> None:
         (t.kl_coef >= 0, "train.kl_coef must be >= 0"),
         (t.max_batch >= 1, "train.max_batch must be >= 1"),
         (t.update_batch >= 1, "train.update_batch must be >= 1"),
+        (t.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1"),
         (t.distributed in ("ddp", "fsdp"), f"train.distributed must be 'ddp' or 'fsdp', got {t.distributed!r}"),
         (
             t.fsdp_param_dtype in (None, "bfloat16", "float32"),
@@ -442,12 +447,15 @@ def validate(config: Config) -> None:
          or all(isinstance(i, int) and 0 <= i < s.num_steps for i in config.method.split_steps),
          f"method.split_steps must lie on the grid 0..{s.num_steps - 1}, got {config.method.split_steps}"),
     ]
+    for key, value in flat_values(config).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
     for name, (weight, _) in reward_specs(config).items():
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
-            raise ConfigError(f"reward.{name}: the weight must be a number, got {weight!r}")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+            raise ConfigError(f"reward.{name}: the weight must be a finite number, got {weight!r}")
     unknown = [n for n in config.reward if n not in available()]
     if unknown:
         raise ConfigError(

@@ -3,3 +3,7 @@
 
 class ConfigError(ValueError):
     """A configuration value or key is wrong; the message says where and what to do."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. rewards or gradients stayed non-finite); the last checkpoint is untouched."""

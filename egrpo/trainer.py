@@ -13,6 +13,7 @@ run repeats exactly what an uninterrupted one would have done.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from egrpo import checkpoint as ckpt
 from egrpo.config import Config, reward_specs
 from egrpo.distributed import World
-from egrpo.errors import ConfigError
+from egrpo.errors import ConfigError, TrainingStopped
 from egrpo.grpo import grouped_std, kl_to_reference, per_reward_advantages, ppo_clip_loss, transition_advantages
 from egrpo.methods import build_method
 from egrpo.planner import RolloutPlan
@@ -81,8 +82,12 @@ class Trainer:
         ``build_task(config)``."""
         self.config = config
         self.progress = progress
+        # A resumed run's changed settings are refused or accepted before any weights load.
+        chosen_dir = Path(run_dir) if run_dir else default_run_dir(config)
+        self._config_changes = resume_changes(config, chosen_dir) if resume else {}
         # Join the process group first: it pins this rank's CUDA device before any weights load.
         self.world = World.from_env(config.train.distributed)
+        self._lock = ckpt.RunLock(chosen_dir) if resume and self.world.is_main else None  # before loading
         fsdp = self.world.mode == "fsdp"
         if fsdp:
             _check_fsdp_supported(config)
@@ -92,7 +97,7 @@ class Trainer:
         self.method = build_method(config)
         self.plan: RolloutPlan = self.method.plan
         self.reward = WeightedReward(reward_specs(config))
-        self.run_dir = Path(self.world.broadcast(str(run_dir) if run_dir else str(default_run_dir(config))))
+        self.run_dir = Path(self.world.broadcast(str(chosen_dir)))
         needed = config.train.prompts_per_iteration * self.world.size
         if needed > len(self.task.train_prompts):
             raise ConfigError(
@@ -112,6 +117,7 @@ class Trainer:
         self.evaluation = make_evaluation(self.task, config, self.world.rank, self.world.size)
         self.start_iteration = 0
         self._stop_requested = False
+        self._skip_streak = 0  # optimizer steps skipped in a row for non-finite values
         if resume:
             self._resume()
         else:
@@ -147,14 +153,24 @@ class Trainer:
         self.config.output_dir = str(self.run_dir)
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = ckpt.RunLock(self.run_dir)
             self.config.dump(self.run_dir / "config.yaml")
             (self.run_dir / "metrics.jsonl").touch()
         self.world.barrier()
 
     def _resume(self) -> None:
+        if self.world.is_main:
+            if self._config_changes:  # recorded, and the run's config.yaml says what it now trains with
+                with open(self.run_dir / "config_changes.jsonl", "a") as f:
+                    f.write(json.dumps({"at": datetime.now().isoformat(timespec="seconds"),
+                                        "changes": self._config_changes}) + "\n")
+                self.config.dump(self.run_dir / "config.yaml")
         latest = ckpt.latest_checkpoint(self.run_dir)
-        if latest is None:
-            raise ConfigError(f"{self.run_dir} holds no checkpoint to resume from")
+        if latest is None:  # stopped before its first checkpoint: start the same config again, in place
+            if self.world.is_main:
+                ckpt.atomic_write_text(self.run_dir / "metrics.jsonl", "")
+            self.world.barrier()
+            return
         sharded = ckpt.is_sharded(latest)
         if sharded != (self.world.mode == "fsdp"):
             written = "train.distributed=fsdp" if sharded else "train.distributed=ddp or one process"
@@ -200,16 +216,11 @@ class Trainer:
         t1 = time.perf_counter()
         rewards, anchor_rewards, parts = self._score(ro, prompts)
         t2 = time.perf_counter()
-        if cfg.reward_normalization == "per_reward":
-            advantages = [
-                per_reward_advantages(parts, self.reward.weights, ts.leaves, ts.groups, ro.reduce, cfg.adv_clip)
-                for ts in ro.train_steps
-            ]
+        # A non-finite reward on any rank skips every rank's update (DDP / FSDP need all ranks in the backward).
+        if self.world.any(not bool(torch.isfinite(rewards).all())):
+            update = self._skip(len(ro.train_steps), it, "rewards")
         else:
-            advantages = [
-                transition_advantages(rewards, ts.leaves, ts.groups, ro.reduce, cfg.adv_clip) for ts in ro.train_steps
-            ]
-        update = self._update(ro, cond, advantages)
+            update = self._update(ro, cond, self._advantages(ro, rewards, parts), it)
         t3 = time.perf_counter()
 
         group_std = [grouped_std(rewards[ts.leaves].mean(1), ts.groups) for ts in ro.train_steps]
@@ -229,6 +240,16 @@ class Trainer:
         }
         return self.world.mean(metrics)
 
+    def _advantages(self, ro: Rollout, rewards: torch.Tensor, parts: dict) -> list[torch.Tensor]:
+        """Group z-scores of each trained step's transitions (of the total reward, or of each reward)."""
+        cfg = self.config.train
+        if cfg.reward_normalization == "per_reward":
+            return [
+                per_reward_advantages(parts, self.reward.weights, ts.leaves, ts.groups, ro.reduce, cfg.adv_clip)
+                for ts in ro.train_steps
+            ]
+        return [transition_advantages(rewards, ts.leaves, ts.groups, ro.reduce, cfg.adv_clip) for ts in ro.train_steps]
+
     def _score(self, ro: Rollout, prompts: list[str]):
         """One reward call for every final latent (and the anchors); rewards (F,), anchors (P,) or None."""
         latents, names = ro.finals, [prompts[int(r)] for r in ro.final_rows]
@@ -239,14 +260,16 @@ class Trainer:
         anchors = total[n:] if ro.anchor_finals is not None else None
         return total[:n], anchors, {name: v[:n] for name, v in parts.items()}
 
-    def _update(self, ro: Rollout, cond: Cond, advantages: list[torch.Tensor]) -> dict:
+    def _update(self, ro: Rollout, cond: Cond, advantages: list[torch.Tensor], it: int) -> dict:
         """One optimizer step per trained step. The policy runs once per distinct input (the G members of
-        an E-GRPO group share theirs); inputs are chunked to ``update_batch`` with gradients accumulated."""
+        an E-GRPO group share theirs); inputs are chunked to ``update_batch`` with gradients accumulated.
+        A step whose gradient norm is not finite is skipped (see :meth:`_skip`)."""
         cfg, sampling = self.config.train, self.config.sampling
         sigmas = self.method.sigmas
         eta = self.method.sde_eta()  # the noise level the rollout sampled with
         self.model.train()
         stats: dict[str, list[float]] = {}
+        skipped = 0
         for j, ts in enumerate(ro.train_steps):
             n, m = ts.inputs.shape[0], ts.source.shape[0]
             step_stats: dict[str, float] = {}
@@ -285,13 +308,33 @@ class Trainer:
                         else step_stats.get(name, 0.0) + value * (hi - lo) / m
                     )
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-            self.optimizer.step()
+            # The norm is of the reduced gradients, the same on every rank, so every rank decides alike.
+            if torch.isfinite(grad_norm):
+                self.optimizer.step()
+                self._skip_streak = 0
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                skipped += self._skip(1, it, "gradient norm")["skipped_steps"]
             step_stats["grad_norm"] = grad_norm.item()
             if j == 0:
                 step_stats["first_ratio_max_dev"] = step_stats["ratio_max_dev"]
             for name, value in step_stats.items():
                 stats.setdefault(name, []).append(value)
-        return {name: sum(values) / len(values) for name, values in stats.items()}
+        return {**{name: sum(values) / len(values) for name, values in stats.items()}, "skipped_steps": skipped}
+
+    def _skip(self, steps: int, it: int, what: str) -> dict:
+        """Count ``steps`` optimizer steps skipped for a non-finite ``what``; too many in a row stop the run."""
+        self._skip_streak += steps
+        limit = self.config.train.max_skipped_steps
+        if self._skip_streak >= limit:
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            kept = f"the last checkpoint, {latest}, is untouched" if latest else "no checkpoint was written"
+            raise TrainingStopped(
+                f"iteration {it + 1}: {self._skip_streak} optimizer steps in a row were skipped for non-finite "
+                f"values (last: {what}; train.max_skipped_steps={limit}); {kept}. Fix the cause (the reward "
+                f"models' outputs, train.lr), then: egrpo train --resume {self.run_dir}"
+            )
+        return {"skipped_steps": steps}
 
     # ---- evaluation -------------------------------------------------------------------------------
     def evaluate(self) -> tuple[dict, torch.Tensor | None]:
@@ -325,6 +368,14 @@ class Trainer:
 
     # ---- the run ------------------------------------------------------------------------------------
     def train(self) -> dict:
+        """Base evaluation, the iterations (checkpointed), final evaluation and weights; ``summary.json``."""
+        try:
+            return self._train()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _train(self) -> dict:
         from egrpo import report
 
         cfg = self.config
@@ -398,7 +449,18 @@ class Trainer:
         )
         return summary
 
+    def _refuse_nonfinite_weights(self, what: str) -> None:
+        """A collective: weights with a NaN or inf are never written (the sum of all weights is then not finite)."""
+        total, _ = self.world.checksums(self.model)
+        if not math.isfinite(total):
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            raise TrainingStopped(
+                f"the trained weights hold non-finite values, so no {what} was written"
+                + (f"; the last checkpoint, {latest}, is untouched" if latest else "")
+            )
+
     def _checkpoint(self, done: int, elapsed: float) -> None:
+        self._refuse_nonfinite_weights("checkpoint")
         arch = self.policy.arch_config()
         if self.world.mode == "fsdp":
             shards = self.world.sharded_state(self.model, self.optimizer)
@@ -413,6 +475,7 @@ class Trainer:
 
     def _export(self, path: Path) -> None:
         """The final trained weights as one safetensors file (a collective under FSDP, streamed tensor by tensor)."""
+        self._refuse_nonfinite_weights(path.name)
         arch = self.policy.arch_config()
         if self.world.mode == "fsdp":
             from egrpo.sharding import export_trained_weights
@@ -436,6 +499,39 @@ class Trainer:
             "(Ctrl-C again aborts at once; the last checkpoint stays valid).",
             flush=True,
         )
+
+
+# Settings a resumed run may change: how long it runs, how often it evaluates and checkpoints, how it batches
+# (memory, not results). Anything else would make the run's config.yaml describe a run that did not happen.
+RESUMABLE_CHANGES = (
+    "train.iterations", "eval.every", "checkpoint_every", "train.max_skipped_steps", "train.max_batch",
+    "model.decode_batch",
+)
+
+
+def resume_changes(config: Config, run_dir: Path) -> dict[str, list]:
+    """{key: [saved, new]} of the settings ``config`` changes from the run's config.yaml; other changes refused."""
+    from egrpo.config import flat_values, load
+
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(
+            f"{run_dir} holds no run to resume (no config.yaml); start one there with output_dir={run_dir}"
+        )
+    try:
+        saved = flat_values(load(str(run_dir / "config.yaml")))
+    except ConfigError as exc:
+        raise ConfigError(f"--resume {run_dir}: its config.yaml does not load ({exc})") from None
+    new = flat_values(config)
+    changed = {k: [saved.get(k), v] for k, v in new.items() if saved.get(k) != v}
+    refused = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if refused:
+        key = refused[0]
+        raise ConfigError(
+            f"--resume {run_dir} cannot change {', '.join(refused)} (e.g. {key}: {changed[key][0]!r} -> "
+            f"{changed[key][1]!r}); a resumed run may change only {', '.join(RESUMABLE_CHANGES)}. To go on from "
+            f"its weights with other settings, start a new run with model.checkpoint={run_dir}"
+        )
+    return changed
 
 
 def _check_fsdp_supported(config: Config) -> None:

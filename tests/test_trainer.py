@@ -52,9 +52,9 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_
     assert rewards[0] == rewards[1] and len(rewards[0]) == 4
 
 
-def test_resume_needs_a_checkpoint(tmp_path, tiny_overrides):
+def test_resume_needs_a_run_directory(tmp_path, tiny_overrides):
     config = _config(tmp_path, tiny_overrides)
-    with pytest.raises(cfg.ConfigError, match="no checkpoint"):
+    with pytest.raises(cfg.ConfigError, match="holds no run to resume"):
         Trainer(config, tmp_path / "empty", resume=True, progress=False)
 
 

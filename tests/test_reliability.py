@@ -1,0 +1,125 @@
+"""Nothing lost, nothing silent: non-finite rewards and gradients skip steps, too many stop the run with its
+last checkpoint untouched, and non-finite values never enter a config or a weights file."""
+
+import json
+
+import pytest
+import torch
+
+from egrpo import config as cfg
+from egrpo import rewards
+from egrpo.checkpoint import CheckpointError, load_weights, save_weights, trainable_state
+from egrpo.cli import main
+from egrpo.embedded.model import DigitsPolicy
+from egrpo.errors import TrainingStopped
+from egrpo.trainer import Trainer
+
+TINY = ["train.prompts_per_iteration=2", "train.group_size=3", "plan.active_steps=first:2", "eval.seeds_per_prompt=1"]
+
+
+class NaNFrom:
+    """The alignment reward, but NaN for every image from its ``first_bad``-th call on (calls ``last_bad`` and
+    later are fine again when given)."""
+
+    calls = 0
+
+    def __init__(self, first_bad: int, last_bad: int | None = None):
+        from egrpo.rewards.digits import AlignmentReward
+
+        self.inner, self.first_bad, self.last_bad = AlignmentReward(), first_bad, last_bad
+
+    def __call__(self, images, prompts):
+        NaNFrom.calls += 1
+        values = self.inner(images, prompts)
+        bad = NaNFrom.calls >= self.first_bad and (self.last_bad is None or NaNFrom.calls < self.last_bad)
+        return torch.full_like(values, float("nan")) if bad else values
+
+
+@pytest.fixture
+def nan_reward(monkeypatch):
+    rewards.available()  # the built-in registry first, so the probe is added to it, not instead of it
+    NaNFrom.calls = 0
+    monkeypatch.setitem(rewards._REGISTRY, "nan_probe", NaNFrom)
+    return "nan_probe"
+
+
+def test_a_nan_reward_once_skips_that_iterations_steps_and_training_goes_on(tmp_path, eval_prompt_file, nan_reward):
+    # call 1 is the base evaluation, calls 2-4 the three iterations: iteration 2 sees NaN
+    config = cfg.load("embedded", [*TINY, f"prompts.eval={eval_prompt_file}", "train.iterations=3",
+                                   f"reward={{{nan_reward}: {{weight: 1.0, first_bad: 3, last_bad: 4}}}}",
+                                   f"output_dir={tmp_path / 'run'}"])
+    Trainer(config, progress=False).train()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped_steps"] for m in lines] == [0, 2, 0]
+    weights = load_file_weights(tmp_path / "run" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_nan_rewards_that_persist_stop_the_run_and_keep_the_last_checkpoint(tmp_path, eval_prompt_file, nan_reward):
+    run = tmp_path / "run"
+    config = cfg.load("embedded", [*TINY, f"prompts.eval={eval_prompt_file}", "train.iterations=6",
+                                   "checkpoint_every=1", "train.max_skipped_steps=3",
+                                   f"reward={{{nan_reward}: {{weight: 1.0, first_bad: 4}}}}", f"output_dir={run}"])
+    # Iteration 3 skips its 2 steps (its checkpoint holds iteration 2's weights); iteration 4 reaches the limit.
+    with pytest.raises(TrainingStopped, match=r"4 optimizer steps in a row were skipped .*iter-000003"):
+        Trainer(config, progress=False).train()
+    assert (run / "checkpoints" / "latest").read_text() == "iter-000003"
+    assert not (run / "model.safetensors").exists()
+
+
+def load_file_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("override", ["train.lr=.nan", "sampling.eta=.inf", "train.kl_coef=.inf",
+                                      "plan.tau=-.inf", "reward.alignment=.nan"])
+def test_non_finite_config_values_are_refused(override, capsys):
+    assert main(["plan", override]) == 2
+    err = capsys.readouterr().err
+    assert "finite" in err and override.split("=")[0].split(".")[-1] in err and "Traceback" not in err
+
+
+def test_weights_with_nan_are_refused_on_load(tmp_path):
+    policy = DigitsPolicy()
+    tensors = {k: v.detach().clone() for k, v in trainable_state(policy.model).items()}
+    next(iter(tensors.values()))[0] = float("nan")
+    save_weights(tmp_path / "bad.safetensors", tensors, policy.arch_config())
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        load_weights(tmp_path / "bad.safetensors", policy.model, policy.arch_config())
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_as_a_fresh_start(tmp_path, eval_prompt_file):
+    run = tmp_path / "run"
+    config = cfg.load("embedded", [*TINY, f"prompts.eval={eval_prompt_file}", "train.iterations=2",
+                                   f"output_dir={run}"])
+    Trainer(config, progress=False)  # config.yaml and metrics.jsonl written, then "killed" before training
+    assert not (run / "checkpoints").exists()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2 and (run / "model.safetensors").is_file()
+
+
+def test_a_second_writer_of_a_run_directory_is_refused(tmp_path, eval_prompt_file, capsys):
+    run = tmp_path / "run"
+    config = cfg.load("embedded", [*TINY, f"prompts.eval={eval_prompt_file}", "train.iterations=1",
+                                   f"output_dir={run}"])
+    first = Trainer(config, progress=False)  # holds the lock until its train() ends
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    assert f"{run} is in use by process" in capsys.readouterr().err
+    first.train()
+    assert main(["train", "--resume", str(run), "--no-progress", "train.iterations=2"]) == 0
+
+
+def test_resume_accepts_only_safe_changes_and_records_them(tmp_path, eval_prompt_file, capsys):
+    run = tmp_path / "run"
+    config = cfg.load("embedded", [*TINY, f"prompts.eval={eval_prompt_file}", "train.iterations=1",
+                                   f"output_dir={run}"])
+    Trainer(config, progress=False).train()
+    assert main(["train", "--resume", str(run), "train.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot change train.lr" in err and "model.checkpoint=" in err
+    assert main(["train", "--resume", str(run), "--no-progress", "train.iterations=2", "eval.every=1"]) == 0
+    (record,) = [json.loads(line) for line in (run / "config_changes.jsonl").read_text().splitlines()]
+    assert record["changes"] == {"train.iterations": [1, 2], "eval.every": [0, 1]}
+    assert cfg.load(str(run / "config.yaml")).train.iterations == 2
