@@ -23,6 +23,24 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def read_json(path: Path, what: str):
+    """A JSON file the run wrote; a damaged one is a CheckpointError that names it, not a traceback."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: the {what} cannot be read ({exc}); the file is damaged or missing") from None
+
+
+def saved_arch(meta: dict, path: Path) -> dict | None:
+    """The architecture stored in a weights file's metadata (None when it has none)."""
+    if "arch" not in meta:
+        return None
+    try:
+        return json.loads(meta["arch"])
+    except ValueError:
+        raise CheckpointError(f"{path}: its 'arch' metadata is not JSON; it was not written by egrpo") from None
+
+
 def fsync(path: Path) -> None:
     """Flush a file's, or a directory's entries', data to disk: a rename is durable only once its directory is."""
     fd = os.open(path, os.O_RDONLY)
@@ -74,7 +92,7 @@ def read_weights(path: Path, module: torch.nn.Module, arch: dict) -> dict[str, t
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    saved = json.loads(meta["arch"]) if "arch" in meta else None
+    saved = saved_arch(meta, path)
     if saved is not None and saved != json.loads(json.dumps(arch, sort_keys=True)):
         diff = {k: (saved.get(k), arch.get(k)) for k in set(saved) | set(arch) if saved.get(k) != arch.get(k)}
         raise CheckpointError(
@@ -198,7 +216,7 @@ def load_sharded_checkpoint(path: Path, shards: dict, arch: dict, whole: bool = 
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
+    state = read_json(path / "state.json", "checkpoint's trainer state")
     saved = state.pop("arch", None)
     if saved is not None and saved != json.loads(json.dumps(arch)):
         diff = {k: (saved.get(k), arch.get(k)) for k in set(saved) | set(arch) if saved.get(k) != arch.get(k)}
@@ -256,7 +274,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, module: torch.nn.Module, arch: dict) -> tuple[dict, dict, dict]:
     """(model tensors, optimizer state dict, trainer state) of a checkpoint directory, checked against ``module``."""
-    state = json.loads((path / "state.json").read_text())
+    state = read_json(path / "state.json", "checkpoint's trainer state")
     tensors = read_weights(path / "model.safetensors", module, arch)
     optimizer = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer"))
     return tensors, optimizer, state

@@ -26,6 +26,7 @@ from egrpo.planner import make_plan, plan_kwargs
 from egrpo.rewards import available
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+MODEL_KINDS = ("embedded", "flux", "sd3")  # egrpo.tasks.TASKS has one factory for each (tested)
 
 
 @dataclass
@@ -195,6 +196,9 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+SECTIONS = tuple(name for name, hint in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(hint))
+
+
 def known_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
     """Every dotted key of the config and its type annotation."""
     hints = typing.get_type_hints(cls)
@@ -267,6 +271,11 @@ def apply(config: Config, values: dict[str, Any], source: str, sources: dict[str
         if key.startswith("reward.") and key != "reward":
             _set_reward_option(config, key, value)
             continue
+        if key in SECTIONS:
+            raise ConfigError(
+                f"{source}: {key!r} is a section, not a value: write its keys under it, e.g. "
+                f"{key}: {{{next(k for k in keys if k.startswith(key + '.')).split('.', 1)[1]}: ...}}"
+            )
         if key not in keys:
             short = [k for k in keys if k.rsplit(".", 1)[-1] == key]
             if len(short) == 1:
@@ -408,7 +417,7 @@ def validate(config: Config) -> None:
     """Range checks that need no model; prompt files and the plan are checked where they are loaded."""
     s, p, t = config.sampling, config.plan, config.train
     checks = [
-        (s.num_steps >= 1, "sampling.num_steps must be >= 1"),
+        (s.num_steps >= 2, f"sampling.num_steps must be >= 2 (a step to branch and one to finish), got {s.num_steps}"),
         (s.shift > 0, "sampling.shift must be > 0"),
         (s.eta >= 0, "sampling.eta must be >= 0"),
         (s.noise in ("flow", "dance"), f"sampling.noise must be 'flow' or 'dance', got {s.noise!r}"),
@@ -418,6 +427,16 @@ def validate(config: Config) -> None:
         (t.prompts_per_iteration >= 1, "train.prompts_per_iteration must be >= 1"),
         (t.group_size >= 2, "train.group_size must be >= 2: the advantage is a z-score within a group"),
         (t.lr > 0, "train.lr must be > 0"),
+        (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
+        (0 <= config.seed < 2**32, f"seed must be in [0, 2**32), got {config.seed}"),
+        (0 <= config.eval.seed < 2**32, f"eval.seed must be in [0, 2**32), got {config.eval.seed}"),
+        (config.model.kind in MODEL_KINDS,
+         f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {config.model.kind!r}"),
+        (p.merge_lengths is None or all(type(n) is int for n in p.merge_lengths),
+         f"plan.merge_lengths must be whole numbers of steps, got {p.merge_lengths}"),
+        (isinstance(p.active_steps, str) or all(type(n) is int for n in p.active_steps),
+         f"plan.active_steps must be a name (first-half, all, first:K, ...) or a list of step indices, "
+         f"got {p.active_steps}"),
         (t.clip_range > 0, "train.clip_range must be > 0"),
         (t.adv_clip > 0, "train.adv_clip must be > 0"),
         (t.reward_normalization in ("total", "per_reward"),
@@ -463,6 +482,10 @@ def validate(config: Config) -> None:
             + _suggest(unknown[0], available())
         )
     try:
-        make_plan(**plan_kwargs(config))
+        plan = make_plan(**plan_kwargs(config))
     except ValueError as exc:
         raise ConfigError(f"plan: {exc}") from None
+    if not plan.branches:
+        raise ConfigError(
+            f"plan.active_steps={p.active_steps!r} selects no step of the {s.num_steps}-step grid: nothing would train"
+        )

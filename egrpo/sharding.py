@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from egrpo.checkpoint import CheckpointError, trainable_state
+from egrpo.checkpoint import CheckpointError, saved_arch, trainable_state
 
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32",
@@ -110,7 +110,7 @@ def check_weights_header(path: Path, module: nn.Module, arch: dict) -> None:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    saved = json.loads(meta["arch"]) if "arch" in meta else None
+    saved = saved_arch(meta, path)
     if saved is not None and saved != json.loads(json.dumps(arch, sort_keys=True)):
         diff = {k: (saved.get(k), arch.get(k)) for k in set(saved) | set(arch) if saved.get(k) != arch.get(k)}
         raise CheckpointError(

@@ -194,7 +194,13 @@ class Trainer:
         if self.world.is_main:
             metrics = self.run_dir / "metrics.jsonl"
             lines = metrics.read_text().splitlines()
-            kept = [l for l in lines if l and json.loads(l)["iteration"] <= self.start_iteration]
+            try:
+                kept = [l for l in lines if l and json.loads(l)["iteration"] <= self.start_iteration]
+            except (ValueError, KeyError, TypeError):
+                raise ckpt.CheckpointError(
+                    f"{metrics} is damaged (a line is not an iteration's JSON record); repair or remove that line "
+                    "and resume again"
+                ) from None
             ckpt.atomic_write_text(metrics, "".join(l + "\n" for l in kept))
         self.world.barrier()
 
@@ -488,7 +494,7 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is None:
             return 0.0
-        return float(json.loads((latest / "state.json").read_text()).get("elapsed", 0.0))
+        return float(ckpt.read_json(latest / "state.json", "checkpoint's trainer state").get("elapsed", 0.0))
 
     def _request_stop(self, signum, frame) -> None:
         if self._stop_requested:

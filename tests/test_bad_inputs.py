@@ -1,0 +1,149 @@
+"""A catalogue of user mistakes: each is answered with exit code 2 and one line naming what was wrong, never a
+traceback and never silent acceptance."""
+
+import pytest
+
+from egrpo.cli import main
+
+# (command line, text the error must contain). `plan` resolves and checks a config without loading weights.
+CONFIG_MISTAKES = [
+    (["plan", "train.lr=-1"], "train.lr"),
+    (["plan", "train.lr=abc"], "train.lr"),
+    (["plan", "train.lr=.nan"], "train.lr"),
+    (["plan", "train.weight_decay=-1"], "train.weight_decay"),
+    (["plan", "train.clip_range=0"], "train.clip_range"),
+    (["plan", "train.adv_clip=0"], "train.adv_clip"),
+    (["plan", "train.max_grad_norm=0"], "train.max_grad_norm"),
+    (["plan", "train.kl_coef=-0.1"], "train.kl_coef"),
+    (["plan", "train.kl_coef=.inf"], "train.kl_coef"),
+    (["plan", "train.group_size=1"], "train.group_size"),
+    (["plan", "train.prompts_per_iteration=0"], "train.prompts_per_iteration"),
+    (["plan", "train.iterations=-3"], "train.iterations"),
+    (["plan", "train.max_batch=0"], "train.max_batch"),
+    (["plan", "train.update_batch=0"], "train.update_batch"),
+    (["plan", "train.max_skipped_steps=0"], "train.max_skipped_steps"),
+    (["plan", "train.distributed=horovod"], "train.distributed"),
+    (["plan", "train.fsdp_param_dtype=fp8"], "train.fsdp_param_dtype"),
+    (["plan", "train.reward_normalization=rank"], "train.reward_normalization"),
+    (["plan", "train.lrr=1"], "train.lrr"),
+    (["plan", "sampling.num_steps=0"], "sampling.num_steps"),
+    (["plan", "sampling.num_steps=1"], "sampling.num_steps"),
+    (["plan", "sampling.num_steps=2.5"], "sampling.num_steps"),
+    (["plan", "sampling.shift=0"], "sampling.shift"),
+    (["plan", "sampling.eta=-1"], "sampling.eta"),
+    (["plan", "sampling.eta=.inf"], "sampling.eta"),
+    (["plan", "sampling.noise=brownian"], "sampling.noise"),
+    (["plan", "plan.tau=-1"], "plan.tau"),
+    (["plan", "plan.tau=.nan"], "plan.tau"),
+    (["plan", "plan.merge=greedy"], "plan.merge"),
+    (["plan", "plan.merge=fixed", "plan.merge_length=0"], "merge_length"),
+    (["plan", "plan.merge=list"], "merge_lengths"),
+    (["plan", "plan.merge=list", "plan.merge_lengths=[1,2]"], "merge_lengths"),
+    (["plan", "plan.merge=list", "plan.merge_lengths=[1.9,1,1,1,1,1,1,1]"], "merge_lengths"),
+    (["plan", "plan.active_steps=[[1]]"], "plan.active_steps"),
+    (["plan", "plan.active_steps=[99]"], "active"),
+    (["plan", "plan.active_steps=first:0"], "active"),
+    (["plan", "plan.active_steps=middle"], "active"),
+    (["plan", "seed=123456789012345678901"], "seed"),
+    (["plan", "seed=-1"], "seed"),
+    (["plan", "checkpoint_every=0"], "checkpoint_every"),
+    (["plan", "eval.seeds_per_prompt=0"], "eval.seeds_per_prompt"),
+    (["plan", "eval.every=-1"], "eval.every"),
+    (["plan", "reward={}"], "reward"),
+    (["plan", "reward={alignmnt: 1.0}"], "alignmnt"),
+    (["plan", "reward.alignment=.nan"], "reward.alignment"),
+    (["plan", "reward.alignment=yes"], "reward.alignment"),
+    (["plan", "method=egrpoo"], "egrpoo"),
+    (["plan", "method.window=0"], "method.window"),
+    (["plan", "method.train_fraction=1.5"], "method.train_fraction"),
+    (["plan", "method.branch_factor=1"], "method.branch_factor"),
+    (["plan", "method.granularities=[0]"], "method.granularities"),
+    (["plan", "method.split_steps=[40]"], "method.split_steps"),
+    (["plan", "model.kind=dalle"], "model.kind"),
+    (["plan", "nonsense"], "nonsense"),
+    (["plan", "no_such_config"], "no_such_config"),
+]
+
+CLI_MISTAKES = [
+    (["train", "--method", "dancegrpoo"], "dancegrpoo"),
+    (["train", "--resume", "definitely/not/a/run"], "definitely/not/a/run"),
+    (["eval", "base", "--seeds", "0"], "--seeds"),
+    (["ablate", "--seeds", "0"], "--seeds"),
+    (["ablate", "--iterations", "0"], "--iterations"),
+    (["ablate", "--sweeps", "colours"], "colours"),
+    (["pretrain", "--flow-steps", "-5"], "--flow-steps"),
+    (["sample", "--checkpoint", "base", "--prompt", "a seven", "--num", "0"], "--num"),
+    (["sample", "--checkpoint", "missing.safetensors", "--prompt", "a seven"], "missing.safetensors"),
+    (["figures", "curves", "not/a/run"], "not/a/run"),
+    (["figures", "curves", "runs/x", "plan.tau=2"], "overrides"),
+    (["figures", "entropy", "--max-length", "0"], "--max-length"),
+    (["preprocess"], "preprocess"),
+    (["preprocess", "embedded"], "model.kind"),
+    (["config", "train.lr=-1"], "train.lr"),
+]
+
+
+@pytest.mark.parametrize("argv,named", CONFIG_MISTAKES + CLI_MISTAKES,
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_a_mistake_gets_one_line_and_exit_code_2(argv, named, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    assert code == 2, f"exit code {code}: {out[-300:]} {err[-300:]}"
+    assert "Traceback" not in err and named in err, err
+
+
+def _answers_in_one_line(argv, named, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and named in err, (code, err)
+
+
+def test_a_section_written_as_a_value_is_not_silently_remapped(tmp_path, capsys):
+    config = tmp_path / "mine.yaml"
+    config.write_text("eval: held_out.txt\n")  # meant prompts.eval; must not become it silently
+    _answers_in_one_line(["plan", str(config)], "'eval' is a section", capsys)
+
+
+def test_a_weights_file_whose_metadata_is_not_json(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from egrpo.checkpoint import trainable_state
+    from egrpo.embedded.model import DigitsPolicy
+
+    path = tmp_path / "odd.safetensors"
+    tensors = {k: v.detach().contiguous() for k, v in trainable_state(DigitsPolicy().model).items()}
+    save_file(tensors, str(path), metadata={"arch": "{not json"})
+    _answers_in_one_line(["sample", "--checkpoint", str(path), "--prompt", "a seven", "--out",
+                          str(tmp_path / "s.png")], "not JSON", capsys)
+
+
+def test_an_output_dir_under_a_file(tmp_path, eval_prompt_file, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    _answers_in_one_line(["train", f"output_dir={blocker / 'run'}", f"prompts.eval={eval_prompt_file}",
+                          "train.iterations=1", "--no-progress"], "a_file", capsys)
+
+
+@pytest.mark.parametrize("damaged", ["state.json", "metrics.jsonl"])
+def test_a_damaged_run_file_on_resume(damaged, tmp_path, eval_prompt_file, capsys):
+    run = tmp_path / "run"
+    args = ["train", f"output_dir={run}", f"prompts.eval={eval_prompt_file}", "train.iterations=1",
+            "train.prompts_per_iteration=2", "train.group_size=3", "plan.active_steps=first:2",
+            "eval.seeds_per_prompt=1", "--no-progress"]
+    assert main(args) == 0
+    target = run / "checkpoints" / "iter-000001" / "state.json" if damaged == "state.json" else run / "metrics.jsonl"
+    target.write_text("{half a record")
+    _answers_in_one_line(["train", "--resume", str(run), "--no-progress", "train.iterations=2"], damaged, capsys)
+
+
+def test_the_config_knows_every_model_kind_the_tasks_build():
+    from egrpo.config import MODEL_KINDS
+    from egrpo.tasks import TASKS
+
+    assert set(MODEL_KINDS) == set(TASKS)
