@@ -425,3 +425,27 @@ def test_the_cli_prints_the_missing_weights_message(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"hps: weights not found at {missing}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("height,width", [(224, 299), (299, 224), (448, 598)])
+def test_clip_and_pickscore_crop_where_transformers_processor_crops(height, width):
+    """transformers floors the centre-crop offset where torchvision rounds: on a 224 x 299 image the two crops
+    are a pixel apart, which changes every input pixel. CLIP score and PickScore are defined through
+    transformers' processor, so their crop must be its crop."""
+    from egrpo.rewards.clip_family import ClipScoreReward, HPSReward, PickScoreReward
+
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Processor
+    except ImportError:  # transformers 4: the PIL processor is the default one
+        from transformers import CLIPImageProcessor as Processor
+
+    processor = Processor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    image = (torch.rand(3, height, width, generator=torch.Generator().manual_seed(0)) * 255).round().to(torch.uint8)
+    reference = processor(Image.fromarray(image.permute(1, 2, 0).numpy()), return_tensors="np")["pixel_values"]
+    reference = torch.as_tensor(reference)
+    floor = clip_preprocess(image[None].float() / 255, 224, floor_crop=True)
+    rounded = clip_preprocess(image[None].float() / 255, 224)
+    # the resize goes through 8-bit PIL on the reference's side: a pixel's worth of rounding, not a shifted crop
+    assert (floor - reference).abs().mean() < 0.01
+    assert (rounded - reference).abs().mean() > 0.3
+    assert ClipScoreReward.floor_crop and PickScoreReward.floor_crop and not HPSReward.floor_crop

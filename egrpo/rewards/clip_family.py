@@ -46,11 +46,14 @@ def as_rgb(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
-def clip_preprocess(images: torch.Tensor, size: int, clamp: bool = True) -> torch.Tensor:
+def clip_preprocess(images: torch.Tensor, size: int, clamp: bool = True, floor_crop: bool = False) -> torch.Tensor:
     """torchvision's ``Resize(size, BICUBIC)``, ``CenterCrop(size)``, ``Normalize(CLIP mean, std)`` on [0, 1] tensors.
 
     Antialiased bicubic is torch's port of PIL's filter. ``clamp`` stands in for PIL's 8-bit output (CLIP,
     PickScore, ImageReward resize PIL images); hpsv2 resizes the float tensor and keeps the overshoot.
+    ``floor_crop``: the crop offset as transformers' image processors compute it, ``(extent - size) // 2``,
+    where torchvision's CenterCrop rounds; they differ by a pixel when the extent exceeds ``size`` by an odd
+    number (a 224 x 299 image), which moves every pixel of the crop.
     """
     h, w = images.shape[-2:]
     new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
@@ -58,7 +61,10 @@ def clip_preprocess(images: torch.Tensor, size: int, clamp: bool = True) -> torc
     if (new_h, new_w) != (h, w):
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
         x = x.clamp(0, 1) if clamp else x
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    if floor_crop:
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+    else:
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     x = x[..., top : top + size, left : left + size]
     mean = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
@@ -75,6 +81,7 @@ class ClipFamilyReward:
     tokenizer_source: str
     use_logit_scale = False
     clamp_resized = True  # see clip_preprocess
+    floor_crop = False  # see clip_preprocess: True where the reference preprocesses with transformers
 
     def __init__(
         self, checkpoint: str, tokenizer: str, device: str | None = None, dtype: str = "float32", batch_size: int = 32
@@ -104,7 +111,8 @@ class ClipFamilyReward:
         return F.normalize(self.model.text_projection(out.pooler_output).float(), dim=-1)
 
     def _image_features(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = clip_preprocess(images.to(self.device), self.image_size, self.clamp_resized).to(self.dtype)
+        pixels = clip_preprocess(images.to(self.device), self.image_size, self.clamp_resized, self.floor_crop)
+        pixels = pixels.to(self.dtype)
         out = self.model.vision_model(pixel_values=pixels)
         return F.normalize(self.model.visual_projection(out.pooler_output).float(), dim=-1)
 
@@ -157,6 +165,7 @@ class ClipScoreReward(ClipFamilyReward):
     name = "clip"
     checkpoint_source = "a transformers CLIP folder or hub id: openai/clip-vit-large-patch14"
     tokenizer_source = "openai/clip-vit-large-patch14"
+    floor_crop = True  # CLIP score is computed with transformers' CLIPProcessor
 
     def __init__(self, checkpoint: str = "openai/clip-vit-large-patch14", tokenizer: str | None = None, **options):
         super().__init__(checkpoint, tokenizer or checkpoint, **options)
@@ -169,6 +178,7 @@ class PickScoreReward(ClipFamilyReward):
     checkpoint_source = "a transformers CLIP folder or hub id: yuvalkirstain/PickScore_v1"
     tokenizer_source = LAION_VIT_H_14
     use_logit_scale = True
+    floor_crop = True  # the PickScore recipe preprocesses with transformers' AutoProcessor
 
     def __init__(self, checkpoint: str = "yuvalkirstain/PickScore_v1", tokenizer: str = LAION_VIT_H_14, **options):
         super().__init__(checkpoint, tokenizer, **options)
