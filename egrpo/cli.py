@@ -257,7 +257,10 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from egrpo import __version__
+
     parser = argparse.ArgumentParser(prog="egrpo", description="E-GRPO for flow-matching text-to-image models")
+    parser.add_argument("--version", action="version", version=f"egrpo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     overrides_help = "config overrides as section.key=value (e.g. plan.tau=2.0 train.iterations=20)"
