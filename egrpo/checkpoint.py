@@ -41,6 +41,17 @@ def saved_arch(meta: dict, path: Path) -> dict | None:
         raise CheckpointError(f"{path}: its 'arch' metadata is not JSON; it was not written by egrpo") from None
 
 
+def check_arch(saved: dict | None, arch: dict, path: Path) -> None:
+    """Refuse weights saved for another architecture than ``arch`` (None: the file records none)."""
+    if saved is None or saved == json.loads(json.dumps(arch)):
+        return
+    diff = {k: (saved.get(k), arch.get(k)) for k in set(saved) | set(arch) if saved.get(k) != arch.get(k)}
+    raise CheckpointError(
+        f"{path} was saved for another architecture; differing fields (checkpoint, config): {diff}. "
+        "Use a checkpoint of this model, or set the model config to match it."
+    )
+
+
 def fsync(path: Path) -> None:
     """Flush a file's, or a directory's entries', data to disk: a rename is durable only once its directory is."""
     fd = os.open(path, os.O_RDONLY)
@@ -92,13 +103,7 @@ def read_weights(path: Path, module: torch.nn.Module, arch: dict) -> dict[str, t
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    saved = saved_arch(meta, path)
-    if saved is not None and saved != json.loads(json.dumps(arch, sort_keys=True)):
-        diff = {k: (saved.get(k), arch.get(k)) for k in set(saved) | set(arch) if saved.get(k) != arch.get(k)}
-        raise CheckpointError(
-            f"{path} was saved for another architecture; differing fields (checkpoint, config): {diff}. "
-            "Use a checkpoint of this model, or set the model config to match it."
-        )
+    check_arch(saved_arch(meta, path), arch, path)
     nonfinite = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
     if nonfinite:
         raise CheckpointError(
@@ -217,13 +222,7 @@ def load_sharded_checkpoint(path: Path, shards: dict, arch: dict, whole: bool = 
 
     path = Path(path)
     state = read_json(path / "state.json", "checkpoint's trainer state")
-    saved = state.pop("arch", None)
-    if saved is not None and saved != json.loads(json.dumps(arch)):
-        diff = {k: (saved.get(k), arch.get(k)) for k in set(saved) | set(arch) if saved.get(k) != arch.get(k)}
-        raise CheckpointError(
-            f"{path} was saved for another architecture; differing fields (checkpoint, config): {diff}. "
-            "Use a checkpoint of this model, or set the model config to match it."
-        )
+    check_arch(state.pop("arch", None), arch, path)
     try:
         with warnings.catch_warnings():
             # DCP warns that it assumes one process when no process group is up, which is what whole means.

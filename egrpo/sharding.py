@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from egrpo.checkpoint import CheckpointError, saved_arch, trainable_state
+from egrpo.checkpoint import CheckpointError, check_arch, saved_arch, trainable_state
 
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32",
@@ -110,12 +110,7 @@ def check_weights_header(path: Path, module: nn.Module, arch: dict) -> None:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    saved = saved_arch(meta, path)
-    if saved is not None and saved != json.loads(json.dumps(arch, sort_keys=True)):
-        diff = {k: (saved.get(k), arch.get(k)) for k in set(saved) | set(arch) if saved.get(k) != arch.get(k)}
-        raise CheckpointError(
-            f"{path} was saved for another architecture; differing fields (checkpoint, config): {diff}"
-        )
+    check_arch(saved_arch(meta, path), arch, path)
     expected = {name: tuple(p.shape) for name, p in trainable_state(module).items()}
     wrong = sorted(k for k in expected if shapes.get(k) != expected[k])
     if wrong or set(shapes) - set(expected):
