@@ -18,6 +18,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+}
+"""torch dtype -> its name in a safetensors header (for files written by hand, tensor by tensor)."""
+
 
 class CheckpointError(RuntimeError):
     pass

@@ -18,17 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from egrpo.checkpoint import CheckpointError, check_arch, saved_arch, trainable_state
-
-_SAFETENSORS_DTYPES = {
-    torch.float32: "F32",
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.uint8: "U8",
-}
+from egrpo.checkpoint import SAFETENSORS_DTYPES, CheckpointError, check_arch, saved_arch, trainable_state
 
 
 def reshard(model: nn.Module) -> None:
@@ -141,7 +131,7 @@ def write_safetensors_stream(
     for name, (shape, dtype) in layout.items():
         size = torch.Size(shape).numel() * dtype.itemsize
         header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]
+            "dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]
         }
         offset += size
     blob = json.dumps(header).encode()

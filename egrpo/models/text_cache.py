@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from egrpo.checkpoint import SAFETENSORS_DTYPES
 from egrpo.config import ModelConfig
 from egrpo.devices import resolve_device
 from egrpo.errors import ConfigError
@@ -36,8 +37,7 @@ from egrpo.policy import Cond
 KINDS = ("flux", "sd3")
 DEFAULT_MAX_SEQUENCE_LENGTH = {"flux": 512, "sd3": 256}
 ENCODE_BATCH = 8
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-_TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+_TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 Encoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 
@@ -153,7 +153,7 @@ def write_cache(
     for name, shape in shapes.items():
         size = math.prod(shape) * dtype.itemsize
         header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "dtype": SAFETENSORS_DTYPES[dtype],
             "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
