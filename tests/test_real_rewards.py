@@ -176,7 +176,7 @@ def test_hps_scores_an_open_clip_checkpoint_as_open_clip_does(tmp_path, clip_tok
 
     # open_clip's tokenizer pads with 0 after <|endoftext|> to the context length
     tokens = tokenizer(PROMPTS, padding="max_length", max_length=OC_CONTEXT, truncation=True, return_tensors="pt")
-    pixels = clip_preprocess(images, IMAGE, clamp=False)  # hpsv2 resizes the float tensor, without clamping
+    pixels = clip_preprocess(images, IMAGE, fit="letterbox", pil=False)  # hpsv2 letterboxes the float tensor
     expected = _open_clip_score(sd, pixels, tokens["input_ids"] * tokens["attention_mask"])
     assert scores.shape == (len(PROMPTS),)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
@@ -417,6 +417,8 @@ def test_a_foreign_file_a_corrupt_file_and_a_bad_dtype_are_named(tmp_path, clip_
         build("imagereward", checkpoint=str(corrupt))
     with pytest.raises(ConfigError, match=r"reward.imagereward.dtype: expected one of float32, float16, bfloat16"):
         build("imagereward", checkpoint=str(corrupt), dtype="fp8")
+    with pytest.raises(ConfigError, match=r"reward.hps.autocast: expected true or false, got 'yes'"):
+        build("hps", checkpoint=str(foreign), autocast="yes")
 
 
 def test_the_cli_prints_the_missing_weights_message(tmp_path, capsys):

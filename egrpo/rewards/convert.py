@@ -140,7 +140,9 @@ def open_clip_to_clip(sd: dict):
         max_position_embeddings=sd["positional_embedding"].shape[0],
         hidden_act="gelu",
         layer_norm_eps=1e-5,
-        # open_clip pools the text at the highest token id, <|endoftext|>: the last id of CLIP's vocabulary
+        # open_clip pools the text at the highest token id, <|endoftext|>: the last id of CLIP's vocabulary,
+        # after <|startoftext|>
+        bos_token_id=vocab - 2,
         eos_token_id=vocab - 1,
     )
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=sd["visual.proj"].shape[1]), out
