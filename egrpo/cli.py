@@ -201,14 +201,14 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
     out = Path(args.out or f"figures/{args.figure}.png")
     labels = _labels(args)
-    if args.figure in ("entropy", "spread"):
+    if args.figure in ("entropy", "spread", "completion"):
         config = cfg.load(args.config or "embedded", args.overrides)
         if args.figure == "entropy":
             figures.entropy(config, out, args.max_length)
         else:
             if args.checkpoint:
                 config.model.checkpoint = args.checkpoint
-            figures.spread(config, out, args.batches)
+            (figures.spread if args.figure == "spread" else figures.completion)(config, out, args.batches)
     elif args.figure == "curves":
         figures.curves([Path(r) for r in args.runs], out, labels)
     else:
@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     abl.set_defaults(func=cmd_ablate)
 
     fig = sub.add_parser("figures", help="the paper's figures as PNG (+ JSON of the numbers): entropy, spread, "
-                                         "curves, grid, failures")
+                                         "completion, curves, grid, failures")
     figs = fig.add_subparsers(dest="figure", required=True)
     out_help = "output PNG; the plotted numbers go beside it as .json (default: figures/NAME.png)"
     ent = figs.add_parser("entropy", help="H(i, l) per step for merge lengths 1..k, tau and the plan (Fig. 1b)")
@@ -347,6 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     spr.add_argument("overrides", nargs="*", help=overrides_help)
     spr.add_argument("--checkpoint", help="weights to branch from (default: the config's model)")
     spr.add_argument("--batches", type=_positive, default=2,
+                     help="batches of train.prompts_per_iteration prompts, groups of train.group_size (default 2)")
+    com = figs.add_parser("completion", help="signal a cheap ODE completion keeps: rank correlation and advantage "
+                                             "sign agreement with the full one, per branch step (fast E-GRPO)")
+    com.add_argument("config", nargs="?", help="config file or shipped config name (default: embedded)")
+    com.add_argument("overrides", nargs="*", help=overrides_help)
+    com.add_argument("--checkpoint", help="weights to branch from (default: the config's model)")
+    com.add_argument("--batches", type=_positive, default=2,
                      help="batches of train.prompts_per_iteration prompts, groups of train.group_size (default 2)")
     cur = figs.add_parser("curves", help="training reward curves of runs, one line each (Fig. 4)")
     cur.add_argument("runs", nargs="+", metavar="RUN", help="run directories of egrpo train")
@@ -366,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     fail.add_argument("--check", required=True, help="the reward that should not fall, e.g. alignment or clip")
     fail.add_argument("--prompts", help="held-out prompt file (default: the config's prompts.eval)")
     fail.add_argument("--top", type=_positive, default=8, help="pairs shown (default 8); the JSON lists all")
-    for sp in (ent, spr, cur, grd, fail):
+    for sp in (ent, spr, com, cur, grd, fail):
         sp.add_argument("--out", help=out_help)
     fig.set_defaults(func=cmd_figures)
 

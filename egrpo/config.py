@@ -24,6 +24,7 @@ from egrpo.errors import ConfigError
 from egrpo.methods import METHODS
 from egrpo.planner import make_plan, plan_kwargs
 from egrpo.rewards import available
+from egrpo.rollout import ODE_SOLVERS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MODEL_KINDS = ("embedded", "flux", "sd3")  # egrpo.tasks.TASKS has one factory for each (tested)
@@ -156,6 +157,15 @@ class MethodConfig:
     """egrpo, g2rpo, tempflow, flowgrpo, flowgrpo-fast, dancegrpo, mixgrpo or branchgrpo (see egrpo/methods.py)."""
     granularities: list = field(default_factory=lambda: [1])
     """Branch methods: ODE completion strides after the jump; G2RPO sums the z-scores over {1, 2}."""
+    completion_steps: Optional[int] = None
+    """Branch methods: network calls per ODE completion, on a grid placed by sampling.shift between the landing
+    sigma and 0 (null = every remaining grid step, at the `granularities` strides)."""
+    completion_solver: str = "euler"
+    """Branch methods: ODE solver of the completions: euler, heun (2 calls per step) or dpm2m (DPM-Solver++(2M))."""
+    branch_subsample: Optional[int] = None
+    """Branch methods: train this many of the planned branch steps per iteration, drawn anew (null = all)."""
+    subsample_weights: str = "uniform"
+    """Branch methods: how `branch_subsample` draws: uniform, or entropy (in proportion to each merged step's H)."""
     window: int = 4
     """MixGRPO / Flow-GRPO-Fast: consecutive SDE (and trained) steps."""
     window_shift_every: int = 0
@@ -457,6 +467,19 @@ def validate(config: Config) -> None:
         (bool(config.reward), "reward must name at least one reward, e.g. {alignment: 1.0}"),
         (all(isinstance(g, int) and g >= 1 for g in config.method.granularities) and config.method.granularities,
          f"method.granularities must be a list of integers >= 1, got {config.method.granularities}"),
+        (config.method.completion_steps is None
+         or (type(config.method.completion_steps) is int and config.method.completion_steps >= 1),
+         f"method.completion_steps must be an integer >= 1 or null, got {config.method.completion_steps!r}"),
+        (config.method.completion_steps is None or config.method.granularities == [1],
+         f"method.completion_steps places its own completion grid: it cannot be combined with "
+         f"method.granularities={config.method.granularities}; drop one of them"),
+        (config.method.completion_solver in ODE_SOLVERS,
+         f"method.completion_solver must be one of {', '.join(ODE_SOLVERS)}, got {config.method.completion_solver!r}"),
+        (config.method.branch_subsample is None
+         or (type(config.method.branch_subsample) is int and config.method.branch_subsample >= 1),
+         f"method.branch_subsample must be an integer >= 1 or null, got {config.method.branch_subsample!r}"),
+        (config.method.subsample_weights in ("uniform", "entropy"),
+         f"method.subsample_weights must be 'uniform' or 'entropy', got {config.method.subsample_weights!r}"),
         (config.method.window >= 1, "method.window must be >= 1"),
         (config.method.window_shift_every >= 0, "method.window_shift_every must be >= 0"),
         (0 < config.method.train_fraction <= 1, "method.train_fraction must be in (0, 1]"),

@@ -3,6 +3,8 @@
 - ``entropy``: per-step entropy H(i, l) for merge lengths 1..k, with tau and the planned jumps (Fig. 1b).
 - ``spread``: the within-group reward spread when G samples branch at each step, single-step jump
   vs the planned merged jump (Fig. 1a, the paper's core observation).
+- ``completion``: how much of that signal a cheap ODE completion keeps: within-group rank correlation and
+  advantage sign agreement with the full completion, per branch step and completion setting (fast E-GRPO).
 - ``curves``: training reward curves of several runs, one line per run (Fig. 4).
 - ``grid``: the same held-out prompts and seeds, one column per checkpoint (Figs. 6-7).
 - ``failures``: samples whose preference reward rose while a second reward fell, i.e. reward
@@ -137,6 +139,131 @@ def spread(config: cfg.Config, out: Path, batches: int = 2) -> dict:
     ax.set_ylabel("within-group reward std")
     ax.set_title(f"Reward signal per branching step ({n_prompts * batches} groups of {group} per step)")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _write(fig, out, data)
+
+
+# ---- completion signal (fast E-GRPO) --------------------------------------------------------------
+COMPLETIONS: dict[str, dict] = {
+    "every step, Euler": {},  # the reference: the paper's completion
+    "stride 2, Euler": {"stride": 2},
+    "stride 2, DPM++(2M)": {"stride": 2, "solver": "dpm2m"},
+    "stride 4, Euler": {"stride": 4},
+    "stride 4, DPM++(2M)": {"stride": 4, "solver": "dpm2m"},
+    "stride 6, DPM++(2M)": {"stride": 6, "solver": "dpm2m"},
+    "1 step": {"steps": 1},
+    "2 steps, Euler": {"steps": 2},
+    "2 steps, DPM++(2M)": {"steps": 2, "solver": "dpm2m"},
+    "2 steps, Heun": {"steps": 2, "solver": "heun"},
+    "3 steps, Euler": {"steps": 3},
+    "3 steps, DPM++(2M)": {"steps": 3, "solver": "dpm2m"},
+    "4 steps, Euler": {"steps": 4},
+    "4 steps, DPM++(2M)": {"steps": 4, "solver": "dpm2m"},
+}
+"""Completion settings the ``completion`` figure compares with the first (name -> stride / steps / solver)."""
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    return x.argsort(-1).argsort(-1).double()
+
+
+def _row_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each row pair; NaN where a row is constant."""
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+def completion(config: cfg.Config, out: Path, batches: int = 2, settings: dict[str, dict] | None = None) -> dict:
+    """Roll E-GRPO's planned branches out once per completion setting from the same prompts, anchors and SDE jumps
+    (same generators), score every final image, and compare each group's (prompt, branch step) rewards under a
+    cheap completion with those under the full one: Spearman rank correlation, and the share of samples whose
+    advantage (the group z-score) keeps its sign. Also the completion's network calls per sample.
+    """
+    from egrpo.rewards import WeightedReward
+    from egrpo.rollout import rollout_branches
+    from egrpo.tasks import build_task
+
+    settings = settings or COMPLETIONS
+    task = build_task(config)
+    policy = task.policy
+    policy.model.eval()
+    reward = WeightedReward(cfg.reward_specs(config))
+    t, s = config.train, config.sampling
+    plan = make_plan(**cfg.plan_kwargs(config))
+    n_prompts, group, k = min(t.prompts_per_iteration, len(task.train_prompts)), t.group_size, len(plan.branches)
+    rewards: dict[str, list[torch.Tensor]] = {name: [] for name in settings}
+    calls: dict[str, float] = {}
+    for b in range(batches):
+        draw = torch.Generator().manual_seed(config.seed * 7919 + b)
+        rows = torch.randperm(len(task.train_prompts), generator=draw)[:n_prompts]
+        prompts = [task.train_prompts[int(r)] for r in rows]
+        cond = policy.encode(prompts)
+        for name, spec in settings.items():
+            gens = [torch.Generator().manual_seed((config.seed * 1009 + b) * 101 + j) for j in range(n_prompts)]
+            ro = rollout_branches(
+                policy, plan, cond, group, gens, s.noise, t.max_batch, granularities=(spec.get("stride", 1),),
+                completion_steps=spec.get("steps"), solver=spec.get("solver", "euler"),
+            )
+            scores, _ = reward.score(policy.decode(ro.finals), [prompts[int(r)] for r in ro.final_rows])
+            rewards[name].append(scores.double().reshape(n_prompts, k, group))
+            calls[name] = (ro.network_calls - n_prompts * s.num_steps) / (n_prompts * k * group)
+    full_name = next(iter(settings))
+    full = torch.cat(rewards[full_name])  # (groups per step, k, G)
+
+    def z(x: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True)
+
+    def per_step(values: torch.Tensor) -> list[float]:
+        return [float(v[~v.isnan()].mean()) for v in values.transpose(0, 1)]
+
+    results = {}
+    for name in settings:
+        cheap = torch.cat(rewards[name])
+        spearman = _row_corr(_ranks(cheap), _ranks(full))
+        agree = (torch.sign(z(cheap)) == torch.sign(z(full))).double().mean(-1)
+        agree[full.std(-1) == 0] = float("nan")
+        results[name] = {
+            "completion_calls_per_sample": calls[name],
+            "spearman": float(spearman[~spearman.isnan()].mean()),
+            "sign_agreement": float(agree[~agree.isnan()].mean()),
+            "spearman_per_step": per_step(spearman),
+            "sign_agreement_per_step": per_step(agree),
+            "group_std_ratio": float(cheap.std(-1).mean() / full.std(-1).mean()),
+        }
+    data = {
+        "reference": full_name,
+        "branch_steps": plan.active_steps,
+        "merge_lengths": plan.merge_lengths,
+        "groups_per_step": n_prompts * batches,
+        "group_size": group,
+        "settings": {name: dict(spec) for name, spec in settings.items()},
+        "results": results,
+    }
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"euler": "#2e4057", "dpm2m": "#d1495b", "heun": "#66a182"}
+    for name, r in results.items():
+        if name == full_name:
+            continue
+        color = colors[settings[name].get("solver", "euler")]
+        marker = "s" if "stride" in settings[name] else "o"
+        left.scatter(r["completion_calls_per_sample"], r["spearman"], color=color, marker=marker, zorder=3)
+        left.annotate(name, (r["completion_calls_per_sample"], r["spearman"]), fontsize=7, xytext=(4, 2),
+                      textcoords="offset points")
+    left.axhline(1.0, color="#999999", lw=0.8)
+    left.set_xlabel(f"completion network calls per sample ({full_name}: {calls[full_name]:.1f})")
+    left.set_ylabel("within-group Spearman with the full completion")
+    left.set_title("Signal kept by a cheap completion")
+    for name, r in results.items():
+        if name != full_name:
+            right.plot(plan.active_steps, r["spearman_per_step"], marker="o", ms=3, lw=1, label=name,
+                       color=colors[settings[name].get("solver", "euler")],
+                       ls="--" if "stride" in settings[name] else "-", alpha=0.8)
+    right.set_xticks(plan.active_steps, [f"{i}\n{n}" for i, n in zip(plan.active_steps, plan.merge_lengths)],
+                     fontsize=7)
+    right.set_xlabel("branch step i (below it: merged length l_i)")
+    right.set_ylabel("Spearman")
+    right.set_title(f"Per branch step ({n_prompts * batches} groups of {group} each)")
+    right.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return _write(fig, out, data)
 

@@ -21,7 +21,7 @@ import torch
 
 from egrpo.planner import RolloutPlan
 from egrpo.policy import Cond, Policy, select
-from egrpo.stepmath import NoiseKind, gaussian_log_prob, ode_step, sde_step
+from egrpo.stepmath import NoiseKind, dpm_solver_2m_step, gaussian_log_prob, ode_step, sde_step, shifted_grid_from
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
@@ -74,6 +74,9 @@ def chunked_velocity(policy: Policy, max_batch: int) -> VelocityFn:
     return velocity
 
 
+ODE_SOLVERS = ("euler", "heun", "dpm2m")
+
+
 @torch.no_grad()
 def integrate_ode(
     velocity: VelocityFn,
@@ -82,25 +85,67 @@ def integrate_ode(
     sigmas: torch.Tensor,
     start: torch.Tensor | None = None,
     stride: torch.Tensor | int = 1,
+    solver: str = "euler",
 ) -> tuple[torch.Tensor, int]:
-    """Euler ODE from grid position ``start`` (per sample, default 0) to sigma = 0, ``stride`` grid steps
+    """ODE from grid position ``start`` (per sample, default 0) to sigma = 0, ``stride`` grid steps
     per network call (per sample; the last step is clamped to the grid's end). Returns (x_0, network calls)."""
     num_steps = len(sigmas) - 1
-    position = torch.zeros(x.shape[0], dtype=torch.long) if start is None else start.clone()
+    start = torch.zeros(x.shape[0], dtype=torch.long) if start is None else start
     stride = torch.as_tensor(stride).expand(x.shape[0])
+    longest = int(((num_steps - start + stride - 1) // stride).max()) if x.shape[0] else 0
+    positions = torch.clamp(start[:, None] + stride[:, None] * torch.arange(longest + 1), max=num_steps)
+    return solve_ode(velocity, x, cond, sigmas[positions], solver)
+
+
+@torch.no_grad()
+def solve_ode(
+    velocity: VelocityFn, x: torch.Tensor, cond: Cond, grids: torch.Tensor, solver: str = "euler"
+) -> tuple[torch.Tensor, int]:
+    """The probability-flow ODE along each sample's own decreasing grid (``grids`` (B, S + 1), fp64; a grid
+    that reaches 0 early repeats 0, and those steps cost nothing). All samples move in lock-step, one batched
+    network call per grid column. Returns (x_0, network calls).
+
+    ``solver``: ``euler``; ``heun`` (second order, a second call at the step's end unless it is sigma = 0);
+    ``dpm2m`` (DPM-Solver++(2M): second order from the previous step's data prediction, no extra call;
+    first order on a sample's first step and on the last step to sigma = 0).
+    """
+    if solver not in ODE_SOLVERS:
+        raise ValueError(f"unknown ODE solver {solver!r}: expected one of {', '.join(ODE_SOLVERS)}")
     x = x.clone()
     calls = 0
-    sig = sigmas.to(torch.float32)
-    while True:
-        moving = torch.nonzero(position < num_steps).squeeze(1)
+    x0_prev = torch.zeros_like(x) if solver == "dpm2m" else None
+    has_prev = torch.zeros(x.shape[0], dtype=torch.bool)
+    for k in range(grids.shape[1] - 1):
+        s_all, t_all = grids[:, k], grids[:, k + 1]
+        moving = torch.nonzero(s_all > t_all).squeeze(1)
         if moving.numel() == 0:
-            return x, calls
-        pos = position[moving]
-        nxt = torch.clamp(pos + stride[moving], max=num_steps)
-        v = velocity(x[moving], sig[pos], select(cond, moving))
-        x[moving] = ode_step(x[moving], v, sigmas[pos], sigmas[nxt])
-        position[moving] = nxt
+            break
+        s, t, xm, cm = s_all[moving], t_all[moving], x[moving], select(cond, moving)
+        v = velocity(xm, s.float(), cm)
         calls += moving.numel()
+        nxt = ode_step(xm, v, s, t)
+        if solver == "heun":
+            inner = torch.nonzero(t > 0).squeeze(1)
+            if inner.numel():
+                v_end = velocity(nxt[inner], t[inner].float(), select(cm, inner))
+                calls += inner.numel()
+                nxt[inner] = ode_step(xm[inner], (v[inner].float() + v_end.float()) / 2, s[inner], t[inner])
+        elif solver == "dpm2m":
+            x0 = xm.float() - v.float() * _column(s, xm)
+            second = torch.nonzero(has_prev[moving] & (t > 0)).squeeze(1)
+            if second.numel():
+                rows = moving[second]
+                nxt[second] = dpm_solver_2m_step(
+                    xm[second], x0[second], x0_prev[rows], grids[rows, k - 1], s[second], t[second]
+                )
+            x0_prev[moving] = x0.to(x0_prev.dtype)
+            has_prev[moving] = True
+        x[moving] = nxt
+    return x, calls
+
+
+def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.float().reshape(-1, *([1] * (like.dim() - 1)))
 
 
 @torch.no_grad()
@@ -143,10 +188,14 @@ def rollout_branches(
     max_batch: int = 1024,
     granularities: tuple[int, ...] = (1,),
     step_weights: dict[int, float] | None = None,
+    completion_steps: int | None = None,
+    solver: str = "euler",
 ) -> Rollout:
     """E-GRPO (and G2RPO, TempFlow-GRPO): shared noise, ODE anchor, G merged SDE jumps per active step.
 
-    Each jump sample finishes by ODE once per granularity g (g grid steps per call; G2RPO uses {1, 2}).
+    Each jump sample finishes by ODE once per granularity g (g grid steps per call; G2RPO uses {1, 2}),
+    or, with ``completion_steps`` n, in n steps placed by the grid's time shift between its landing sigma
+    and 0 (``shifted_grid_from``), whatever its landing. ``solver``: see :func:`solve_ode`.
     """
     velocity = chunked_velocity(policy, max_batch)
     sigmas = plan.sigmas
@@ -171,11 +220,15 @@ def rollout_branches(
 
     # Completions in order (p, k, g, granularity).
     prompt_of = torch.arange(p).repeat_interleave(k * g * n_gran)
-    stride = torch.tensor(granularities).repeat(p * k * g)
-    final, calls = integrate_ode(
-        velocity, _expand(jump.sample.to(noise.dtype), n_gran), select(cond, prompt_of), sigmas,
-        _expand(land_of, n_gran), stride,
-    )
+    start = _expand(jump.sample.to(noise.dtype), n_gran)
+    if completion_steps is None:
+        stride = torch.tensor(granularities).repeat(p * k * g)
+        final, calls = integrate_ode(
+            velocity, start, select(cond, prompt_of), sigmas, _expand(land_of, n_gran), stride, solver
+        )
+    else:
+        grids = shifted_grid_from(sigmas[_expand(land_of, n_gran)], completion_steps, plan.shift)
+        final, calls = solve_ode(velocity, start, select(cond, prompt_of), grids, solver)
 
     train_steps = []
     transitions = torch.arange(p * k * g).reshape(p, k, g)

@@ -238,6 +238,7 @@ class Trainer:
             **({"anchor_reward": anchor_rewards.mean().item()} if anchor_rewards is not None else {}),
             **{f"reward_{k}": v.mean().item() for k, v in parts.items()},
             **update,
+            "optimizer_steps": len(ro.train_steps) - update["skipped_steps"],
             "network_calls": ro.network_calls + sum(ts.inputs.shape[0] for ts in ro.train_steps),
             "seconds_rollout": t1 - t0,
             "seconds_reward": t2 - t1,

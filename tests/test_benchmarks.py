@@ -38,6 +38,32 @@ def test_compare_methods_writes_json_table_and_plot(tmp_path, eval_prompt_file):
     assert Path(f"{out}.png").stat().st_size > 1000
 
 
+def test_compare_methods_budgets_network_calls(tmp_path, eval_prompt_file):
+    out = tmp_path / "cmp"
+    args = ["--budget-calls", "400", "--seeds", "1", "--evals", "1", "--methods", "egrpo-fast,mixgrpo",
+            "--level-of", "mixgrpo", "--out", str(out), "train.prompts_per_iteration=2", "train.group_size=3",
+            f"prompts.eval={eval_prompt_file}"]
+    assert _load("compare_methods").main(args) == 0
+    result = json.loads(Path(f"{out}.json").read_text())
+    assert result["unit"] == "calls" and result["level"] == result["methods"]["mixgrpo"]["alignment"][0]
+    for r in result["methods"].values():
+        calls_per_iteration = r["network_calls_per_iteration"]
+        # a run stops at the first iteration that reaches the budget
+        assert 400 <= r["final_cost"][0] < 400 + calls_per_iteration
+        assert r["final_cost"][0] == r["iterations"][0] * calls_per_iteration
+    assert "network calls per method and seed" in Path(f"{out}.md").read_text()
+
+
+def test_completion_signal_measures_both_models(tmp_path):
+    out = tmp_path / "signal"
+    assert _load("completion_signal").main(["--quick", "--out", str(out)]) == 0
+    summary = json.loads(Path(f"{out}_summary.json").read_text())
+    for model in ("embedded", "tiny_flux"):
+        full = summary[model]["every step, Euler"]
+        assert full["spearman"] == 1.0 and full["completion_calls_per_sample"] > 4
+    assert Path(f"{out}_tiny_flux.png").stat().st_size > 1000
+
+
 def test_gpu_smoke_flux_dev_path_extrapolates_a_reduced_plan(tmp_path):
     out = tmp_path / "flux_dev.json"
     assert _load("gpu_smoke").main(["--flux-dev-size", "--device", "cpu", "--tiny", "--out", str(out)]) == 0

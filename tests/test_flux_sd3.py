@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from egrpo import config as cfg
 from egrpo.cli import main
+from egrpo.methods import build_method
 from egrpo.models.text_cache import EmbeddingCache
 from egrpo.trainer import Trainer
 
@@ -258,6 +259,17 @@ def test_one_egrpo_iteration_through_the_trainer(pipeline, lora, tmp_path, no_te
     grid = tmp_path / "grid.png"
     assert main(["figures", "grid", "base", run, "--rows", "2", "--out", str(grid)]) == 0
     assert json.loads(grid.with_suffix(".json").read_text())["prompts"] == EVAL
+
+
+def test_egrpo_fast_trains_on_the_pipeline(pipeline, tmp_path, no_text_encoders):
+    kind, root = pipeline
+    run = tmp_path / "run"
+    assert main(["train", str(root / "config.yaml"), "--method", "egrpo-fast", f"output_dir={run}"]) == 0
+    metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    config = cfg.load(str(run / "config.yaml"))
+    assert config.method.name == "egrpo-fast" and config.method.completion_solver == "dpm2m"
+    assert metrics["first_ratio_max_dev"] == 0.0 and metrics["reward_std"] > 0
+    assert metrics["network_calls"] == build_method(config).describe()["network_calls"]
 
 
 def test_reference_is_the_base_model(pipeline, tmp_path):
