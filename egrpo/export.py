@@ -303,7 +303,7 @@ def _card(what: str, arch: dict, config: cfg.Config, run: Path, path: Path, out:
         f"{what}.",
         "",
         f"Fine-tuned by egrpo {__version__} with the method `{config.method.name}` on the reward {rewards}, for "
-        f"{iterations if iterations is not None else 'an unknown number of'} iterations"
+        f"{'an unknown number of' if iterations is None else iterations} iteration{'' if iterations == 1 else 's'}"
         f"{f', from {config.model.pretrained}' if config.model.pretrained else ''}.",
         f"Run: `{run}`; weights: `{path}`.",
         "",
