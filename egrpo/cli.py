@@ -1,4 +1,4 @@
-"""Command line: ``egrpo train | plan | sample | eval | ablate | figures | preprocess | pretrain``, thin shells
+"""Command line: ``egrpo train | plan | sample | export | eval | ablate | figures | preprocess | pretrain``, thin shells
 over the library."""
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     for key in base:
         print(f"{key:<16}{base[key]:>9.3f}{final[key]:>9.3f}")
     print(f"{summary['iterations']} iterations in {summary['seconds']:.0f} s")
+    if config.train.export_diffusers:
+        print(f"diffusers export: {trainer.run_dir / 'diffusers'} (its README.md says how to load it)")
     return 0
 
 
@@ -144,6 +146,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image_grid(images, out, title=args.prompt)
     print(f"wrote {out} ({args.num} samples, seed {args.seed})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from egrpo.export import export
+
+    what = export(args.run, args.out, args.weights, args.overrides)
+    print(f"wrote {args.out}: {what} (its README.md says how to load it)")
     return 0
 
 
@@ -299,6 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
     sample.add_argument("overrides", nargs="*", help=overrides_help)
     sample.set_defaults(func=cmd_sample)
+
+    exp = sub.add_parser("export", help="a run's weights for diffusers: a LoRA file for pipe.load_lora_weights, or "
+                                         "a transformer folder for from_pretrained")
+    exp.add_argument("run", metavar="RUN", help="a run directory of egrpo train")
+    exp.add_argument("--out", required=True, metavar="DIR", help="output folder, new or empty")
+    exp.add_argument("--weights", metavar="FILE",
+                     help="weights of the run to export: a .safetensors file or a checkpoint directory (default: "
+                          "RUN/model.safetensors, else the latest checkpoint)")
+    exp.add_argument("overrides", nargs="*",
+                     help="config overrides, e.g. model.pretrained=PATH when the base pipeline has moved")
+    exp.set_defaults(func=cmd_export)
 
     prep = sub.add_parser("preprocess", help="encode prompt files once into the text-embedding cache (FLUX, SD3)")
     prep.add_argument("config", nargs="?", help="the training config (its model.kind and model.pretrained)")

@@ -131,6 +131,10 @@ class TrainConfig:
     max_skipped_steps: int = 10
     """An optimizer step whose rewards or gradient norm are not finite is skipped (and counted in metrics.jsonl);
     this many skipped in a row stop the run, leaving its last checkpoint untouched."""
+    export_diffusers: bool = False
+    """At the end of training, also write the final weights in diffusers' format to RUN/diffusers, as
+    ``egrpo export RUN --out RUN/diffusers`` does: a LoRA file for ``pipe.load_lora_weights``, or a transformer
+    folder for ``from_pretrained`` (see docs/flux-sd3.md, Loading the result in diffusers)."""
 
 
 @dataclass

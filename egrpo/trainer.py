@@ -445,6 +445,10 @@ class Trainer:
         self._export(self.run_dir / "model.safetensors")
         if not main:
             return summary
+        if cfg.train.export_diffusers:  # from the file just written, streamed: the model is not held twice
+            from egrpo.export import export
+
+            export(self.run_dir, self.run_dir / "diffusers", replace=True)
         ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         report.plot_rewards(self.run_dir / "metrics.jsonl", self.run_dir / "reward_curve.png")
         report.plot_sample_grid(
@@ -509,10 +513,11 @@ class Trainer:
 
 
 # Settings a resumed run may change: how long it runs, how often it evaluates and checkpoints, how it batches
-# (memory, not results). Anything else would make the run's config.yaml describe a run that did not happen.
+# (memory, not results), whether it also exports for diffusers. Anything else would make the run's config.yaml
+# describe a run that did not happen.
 RESUMABLE_CHANGES = (
     "train.iterations", "eval.every", "checkpoint_every", "train.max_skipped_steps", "train.max_batch",
-    "model.decode_batch",
+    "model.decode_batch", "train.export_diffusers",
 )
 
 

@@ -85,6 +85,8 @@ CLI_MISTAKES = [
     (["preprocess"], "preprocess"),
     (["preprocess", "embedded"], "model.kind"),
     (["config", "train.lr=-1"], "train.lr"),
+    (["export", "no/such/run", "--out", "exported"], "no/such/run"),
+    (["export", "no/such/run"], "--out"),
 ]
 
 
@@ -145,6 +147,35 @@ def test_a_damaged_run_file_on_resume(damaged, tmp_path, eval_prompt_file, capsy
     target = run / "checkpoints" / "iter-000001" / "state.json" if damaged == "state.json" else run / "metrics.jsonl"
     target.write_text("{half a record")
     _answers_in_one_line(["train", "--resume", str(run), "--no-progress", "train.iterations=2"], damaged, capsys)
+
+
+def test_export_mistakes(tmp_path, capsys):
+    """A run with no weights yet, weights that are missing or of another kind, an output folder in use."""
+    import shutil
+
+    from egrpo import config as cfg
+    from egrpo.embedded.assets import BASE_POLICY
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg.Config().dump(empty / "config.yaml")
+    _answers_in_one_line(["export", str(empty), "--out", str(tmp_path / "x")], "no trained weights yet", capsys)
+    run = tmp_path / "run"  # an embedded run whose final weights are the shipped base model's
+    run.mkdir()
+    cfg.Config().dump(run / "config.yaml")
+    shutil.copy(BASE_POLICY, run / "model.safetensors")
+    _answers_in_one_line(["export", str(run), "--out", str(tmp_path / "x"), "--weights", "gone.safetensors"],
+                         "gone.safetensors", capsys)
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    cfg.load("flux-dev-hps").dump(flux / "config.yaml")
+    _answers_in_one_line(["export", str(flux), "--out", str(tmp_path / "x"), "--weights",
+                          str(run / "model.safetensors")], "embedded digits weights", capsys)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    _answers_in_one_line(["export", str(run), "--out", str(taken)], "not empty", capsys)
+    assert (taken / "notes.txt").read_text() == "mine"
 
 
 def test_the_config_knows_every_model_kind_the_tasks_build():

@@ -60,6 +60,35 @@ def check_model_config(model: ModelConfig) -> None:
             raise ConfigError(message)
 
 
+def with_lora(transformer: nn.Module, rank: int, alpha: float, targets: list[str]) -> nn.Module:
+    """``transformer`` wrapped by peft with the trained LoRA adapters (the parameter names of every LoRA
+    checkpoint come from here: the trainer and ``egrpo export`` must build the same wrapper)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+    return get_peft_model(transformer, lora)
+
+def transformer_files(model: ModelConfig) -> list[Path]:
+    """The safetensors files of the transformer of the pipeline ``model.pretrained`` (one, or the shards its
+    index lists): what FSDP ranks read their rows from, and where an export finds the tensors a run did not train."""
+    folder = Path(model.pretrained) / "transformer"
+    if not folder.is_dir():  # a hub id: the files of its local snapshot (downloaded if need be)
+        from huggingface_hub import snapshot_download
+
+        try:
+            root = snapshot_download(model.pretrained, allow_patterns=["transformer/*"])
+        except Exception as exc:  # the hub client raises many types: offline, gated, not found
+            raise load_error(model, "transformer weights", exc) from None
+        folder = Path(root) / "transformer"
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(
+            f"model.pretrained={model.pretrained!r}: {folder} holds no .safetensors weights; "
+            "FSDP and egrpo export read the transformer from safetensors (convert it with save_pretrained)"
+        )
+    return files
+
+
 class PipelinePolicy:
     """Base of the FLUX and SD3 adapters (see :class:`egrpo.policy.Policy`); subclasses define the latent
     layout (``latent_shape``, ``_vae_latents``) and the network call (``velocity``)."""
@@ -84,18 +113,10 @@ class PipelinePolicy:
             transformer.enable_gradient_checkpointing()
         self.lora = model.lora_rank > 0
         if self.lora:
-            from peft import LoraConfig, get_peft_model
-
             self.lora_targets = list(model.lora_target_modules or DEFAULT_LORA_TARGETS)
             transformer.requires_grad_(False)
-            lora = LoraConfig(
-                r=model.lora_rank,
-                lora_alpha=model.lora_alpha,
-                init_lora_weights="gaussian",
-                target_modules=self.lora_targets,
-            )
-            try:
-                transformer = get_peft_model(transformer, lora)  # adapters in fp32 over the compute-dtype base
+            try:  # adapters in fp32 over the compute-dtype base
+                transformer = with_lora(transformer, model.lora_rank, model.lora_alpha, self.lora_targets)
             except ValueError as exc:
                 raise ConfigError(f"model.lora_target_modules: {exc}") from None
             # The trainer may replace self.model by a DDP wrapper, which hides disable_adapter().
@@ -135,22 +156,7 @@ class PipelinePolicy:
 
     def transformer_files(self) -> list[Path]:
         """The safetensors files of the pipeline's transformer (one, or the shards its index lists)."""
-        folder = Path(self.settings.pretrained) / "transformer"
-        if not folder.is_dir():  # a hub id: the files of its local snapshot (downloaded if need be)
-            from huggingface_hub import snapshot_download
-
-            try:
-                root = snapshot_download(self.settings.pretrained, allow_patterns=["transformer/*"])
-            except Exception as exc:  # the hub client raises many types: offline, gated, not found
-                raise load_error(self.settings, "transformer weights", exc) from None
-            folder = Path(root) / "transformer"
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise ConfigError(
-                f"model.pretrained={self.settings.pretrained!r}: {folder} holds no .safetensors weights; "
-                "FSDP reads each rank's shards from safetensors (convert the transformer with save_pretrained)"
-            )
-        return files
+        return transformer_files(self.settings)
 
     @classmethod
     def weight_dtype(cls, model: ModelConfig) -> torch.dtype:
