@@ -140,7 +140,7 @@ def decode_images(field: object) -> torch.Tensor:
             image = image if image.mode == "L" else image.convert("RGB")
         except (UnidentifiedImageError, OSError) as exc:
             raise BadRequest(f"images.data[{i}] is not a readable image ({exc})") from None
-        pixels = torch.tensor(bytearray(image.tobytes()), dtype=torch.uint8)
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
         arrays.append(pixels.reshape(image.height, image.width, -1).permute(2, 0, 1))
     if len({a.shape for a in arrays}) > 1:
         raise BadRequest(f"the PNGs of one request must share size and mode, got {sorted({a.shape for a in arrays})}")
