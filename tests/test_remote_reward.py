@@ -115,7 +115,8 @@ def test_training_on_the_served_reward_logs_what_the_in_process_reward_logs(alig
         "remote": ["reward={http: 1.0}", f"reward.http.url={alignment_url}"],
     }
     for name, reward in runs.items():
-        argv = ["train", *tiny_overrides, *reward, f"output_dir={tmp_path / name}", "train.iterations=1"]
+        argv = ["train", *tiny_overrides, *reward, f"output_dir={tmp_path / name}", "train.iterations=1",
+                "sampling.num_steps=6"]  # 6 steps, not 16: rollouts and evaluations cost under half
         assert main([*argv, "--no-progress"]) == 0
     local, remote = (json.loads((tmp_path / n / "metrics.jsonl").read_text()) for n in runs)
     for key in ("reward_mean", "reward_std", "group_reward_std", "anchor_reward", "loss", "grad_norm"):

@@ -239,7 +239,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(status, {"protocol": PROTOCOL, "error": message})
 
     def _answer(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
+        data = json.dumps(body, default=str).encode()  # an option YAML read as a date, say, still shows in /info
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
