@@ -1,5 +1,5 @@
-"""Command line: ``egrpo train | plan | sample | export | eval | ablate | figures | preprocess | pretrain``, thin shells
-over the library."""
+"""Command line: ``egrpo train | plan | sample | export | eval | ablate | figures | preprocess | pretrain |
+serve-reward``, thin shells over the library."""
 
 from __future__ import annotations
 
@@ -266,6 +266,54 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _served_options(name: str, overrides: list[str]) -> dict:
+    """``OPTION=value`` or ``reward.NAME.OPTION=value`` (as in a config) -> the reward's options (YAML values)."""
+    from egrpo import config as cfg
+
+    options = {}
+    for key, value in cfg.parse_overrides(overrides).items():
+        option = key.removeprefix(f"reward.{name}.")
+        if "." in option or option == "weight":
+            raise cfg.ConfigError(
+                f"serve-reward {name}: {key}= is not an option of the reward; pass its options as OPTION=value or "
+                f"reward.{name}.OPTION=value (e.g. checkpoint=PATH device=cuda:1); weights belong to the training "
+                "config"
+            )
+        options[option] = value
+    return options
+
+
+def cmd_serve_reward(args: argparse.Namespace) -> int:
+    from egrpo.rewards import build
+    from egrpo.rewards.remote import PROTOCOL, RewardServer
+
+    options = _served_options(args.name, args.overrides)
+    reward = build(args.name, **options)
+    try:
+        server = RewardServer(reward, args.name, options, args.host, args.port)
+    except OSError as exc:
+        raise OSError(
+            f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); pass another --port (0 picks a free "
+            "one) or --host"
+        ) from None
+    # one line, flushed: scripts and tests read the address from it (with --port 0 it is the only place it shows)
+    print(f"serving reward {args.name} at {server.url} (protocol {PROTOCOL}); Ctrl-C stops it", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535 (0: a free port), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from egrpo import __version__
 
@@ -403,6 +451,17 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--flow-steps", type=_positive, default=200, help="flow-matching steps of the base model")
     pre.add_argument("--seed", type=int, default=0)
     pre.set_defaults(func=cmd_pretrain)
+
+    serve = sub.add_parser("serve-reward", help="serve a reward over HTTP, for reward.http.url (another GPU or "
+                                                "machine; protocol in egrpo/rewards/remote.py)")
+    serve.add_argument("name", help="a registered reward, e.g. hps, clip, alignment")
+    serve.add_argument("overrides", nargs="*", metavar="OPTION=VALUE",
+                       help="the reward's options, spelt as the config's reward.NAME.OPTION (e.g. checkpoint=PATH "
+                            "device=cuda:1); reward.NAME.OPTION=VALUE works too")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="interface to listen on (default 127.0.0.1; 0.0.0.0 for every one: no authentication)")
+    serve.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.set_defaults(func=cmd_serve_reward)
     return parser
 
 

@@ -68,7 +68,10 @@ def _documented_commands() -> list[tuple[str, str]]:
     """(file, command) for every egrpo command line in a fenced block of README.md and docs/*.md."""
     found = []
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", doc.read_text(), re.S):
+        # fences pair up whatever their language: a yaml block's closing fence must not open a block of prose
+        for language, block in re.findall(r"```(\w*)\n(.*?)```", doc.read_text(), re.S):
+            if language not in ("", "bash", "sh"):
+                continue
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split(" #")[0].strip().removeprefix("$ ")
                 if re.match(r"(egrpo|torchrun|python3? -m egrpo)\b", line):

@@ -1,7 +1,8 @@
 """Rewards: a small protocol, a registry by name, and weighted combinations.
 
 A reward scores a batch of images (B, C, H, W) in [0, 1] against their prompts and returns a
-float tensor (B,). Adding one is one class plus one ``register`` line.
+float tensor (B,). Adding one is one class plus one ``register`` line. ``http`` scores with a reward
+served by another process or machine (``egrpo serve-reward``, :mod:`egrpo.rewards.remote`).
 """
 
 from __future__ import annotations
@@ -63,11 +64,12 @@ class WeightedReward:
 def _register_builtin() -> None:
     if _REGISTRY:
         return
-    from egrpo.rewards import compression, digits
+    from egrpo.rewards import compression, digits, remote
 
     register("alignment", digits.AlignmentReward)
     register("quality", digits.QualityReward)
     register("jpeg_compressibility", compression.JpegCompressibility)
+    register("http", remote.HttpReward)
 
     # modules of the pretrained rewards import transformers and weights only when a reward is built
     from egrpo.rewards import clip_family, imagereward
