@@ -2,16 +2,17 @@
 
 All methods start from the same shipped base model, train on the same reward (the config's) with the
 same prompts per iteration and group size, and each gets the same budget: seconds of training time
-(evaluation excluded), or with ``--budget-calls`` latents pushed through the network (``network_calls``),
-a cost that machine load cannot distort. The methods advance one iteration at a time in rotation, so
-machine drift and other load hit them alike. Held-out metrics are measured at fixed fractions of the
-budget; a run stops at the first iteration that reaches it.
+(evaluation excluded); with ``--budget-calls``, latents pushed through the network (``network_calls``),
+a cost that machine load cannot distort; or with ``--budget-iterations``, iterations. The methods
+advance one iteration at a time in rotation, so machine drift and other load hit them alike. Held-out
+metrics are measured at fixed fractions of the budget; a run stops at the first iteration that reaches it.
 
 Writes JSON, a markdown table and a PNG of held-out alignment against the budget's unit.
 
     python benchmarks/compare_methods.py                      # full: 90 s per method and seed, 3 seeds
     python benchmarks/compare_methods.py --quick              # reduced: 12 s per method and seed, 2 seeds (< 5 min)
     python benchmarks/compare_methods.py --budget-calls 60000 --level-of mixgrpo   # equal network calls
+    python benchmarks/compare_methods.py --budget-iterations 20 --methods egrpo,egrpo-fast   # equal iterations
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Contender:
     def step(self) -> None:
         start = time.perf_counter()
         metrics = self.trainer.iteration(self.iterations)
-        self.clock += time.perf_counter() - start if self.unit == "s" else metrics["network_calls"]
+        self.clock += {"s": time.perf_counter() - start, "calls": metrics["network_calls"], "iterations": 1}[self.unit]
         self.iterations += 1
         self.iteration_seconds.append(metrics["seconds"])
         self.network_calls.append(metrics["network_calls"])
@@ -109,14 +110,15 @@ def markdown(summary: dict, budget: float, seeds: int, level: float, unit: str =
     def pm(pair, digits=3):
         return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
-    spent = f"{budget:.0f} s of training" if unit == "s" else f"{budget:,.0f} network calls"
+    spent = {"s": f"{budget:.0f} s of training", "calls": f"{budget:,.0f} network calls",
+             "iterations": f"{budget:.0f} iterations"}[unit]
     target = f"{level:.3f} ({level_from}'s final)" if level_from else f"{level}"
     lines = [
         f"Embedded digits task, {spent} per method and seed, {seeds} seeds "
         f"(mean ± std over seeds); base alignment {next(iter(summary.values()))['base_alignment']:.3f}.",
         "",
         f"| method | held-out alignment | judge accuracy | quality (preference) | iterations | s / iteration "
-        f"| network calls / iteration | {'s' if unit == 's' else 'calls'} to alignment {target} |",
+        f"| network calls / iteration | {unit} to alignment {target} |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for method, r in summary.items():
@@ -144,9 +146,11 @@ def plot(summary: dict, path: Path, unit: str = "s") -> None:
         ys = [statistics.fmean(c[k][1] for c in curves) for k in range(n)]
         ax.plot(xs, ys, marker="o", markersize=3, label=method,
                 linewidth=2.2 if method.startswith("egrpo") else 1.2)
-    ax.set_xlabel("training seconds (evaluation excluded)" if unit == "s" else "network calls (latents, all prompts)")
+    ax.set_xlabel({"s": "training seconds (evaluation excluded)", "calls": "network calls (latents, all prompts)",
+                   "iterations": "iterations"}[unit])
     ax.set_ylabel("held-out alignment (mean over seeds)")
-    ax.set_title("Methods under the same " + ("wall-clock budget" if unit == "s" else "network-call budget"))
+    kind = {"s": "wall-clock", "calls": "network-call", "iterations": "iteration"}[unit]
+    ax.set_title(f"Methods under the same {kind} budget")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -158,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="reduced budget: 12 s per method and seed, 2 seeds")
     parser.add_argument("--budget", type=float, help="training seconds per method and seed (default 90, quick 12)")
     parser.add_argument("--budget-calls", type=int, help="network calls per method and seed instead of seconds")
+    parser.add_argument("--budget-iterations", type=int, help="iterations per method and seed instead of seconds")
     parser.add_argument("--seeds", type=int, help="seeds per method (default 3, quick 2)")
     parser.add_argument("--evals", type=int, default=6, help="held-out evaluations along the budget")
     parser.add_argument("--level", type=float, default=0.85, help="alignment level for the time-to-reach column")
@@ -166,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/compare_methods")
     parser.add_argument("overrides", nargs="*", help="config overrides for every method, e.g. train.group_size=6")
     args = parser.parse_args(argv)
-    unit = "calls" if args.budget_calls else "s"
-    budget = float(args.budget_calls) if args.budget_calls else args.budget or (12.0 if args.quick else 90.0)
+    if args.budget_calls and args.budget_iterations:
+        parser.error("give one of --budget-calls and --budget-iterations")
+    unit = "calls" if args.budget_calls else "iterations" if args.budget_iterations else "s"
+    budget = float(args.budget_calls or args.budget_iterations or args.budget or (12.0 if args.quick else 90.0))
     seeds = args.seeds or (2 if args.quick else 3)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     overrides = ["eval.seeds_per_prompt=2", *args.overrides]

@@ -108,8 +108,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**plan.to_json(), "method": {"name": method.name, **described}}, indent=2))
         return 0
+    trained = described["trained_steps"]
+    if described.get("trained_per_iteration", len(trained)) < len(trained):
+        trained = f"{described['trained_per_iteration']} of {trained} per iteration"
     print(
-        f"method: {method.label}  SDE steps {described['sde_steps']}  trained steps {described['trained_steps']}  "
+        f"method: {method.label}  SDE steps {described['sde_steps']}  trained steps {trained}  "
         f"groups: {described['group']}  network calls per prompt: {described['network_calls']}"
     )
     if not isinstance(method, BranchMethod):  # no anchor to branch from: the merge table does not apply

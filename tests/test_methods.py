@@ -108,7 +108,11 @@ def test_one_real_iteration_of_each_method(name, tmp_path, eval_prompt_file):
     assert metrics["first_ratio_max_dev"] == 0.0
     # describe() counts one prompt; this iteration ran two (which steps DanceGRPO and Flow-GRPO-Fast draw
     # varies, how many does not).
-    assert metrics["network_calls"] == 2 * trainer.method.describe(0)["network_calls"]
+    described = trainer.method.describe(0)
+    if described.get("calls_are_mean"):  # egrpo-fast: the branches it draws finish in different numbers of calls
+        assert 0.5 < metrics["network_calls"] / (2 * described["network_calls"]) < 1.5
+    else:
+        assert metrics["network_calls"] == 2 * described["network_calls"]
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
