@@ -67,6 +67,22 @@ def summary(data: dict) -> dict:
     }
 
 
+def table(record: dict) -> str:
+    """Markdown: one row per completion setting, both models side by side."""
+    lines = [
+        "| completion | embedded: calls / sample | Spearman | sign agreement | tiny FLUX: calls / sample | Spearman "
+        "| sign agreement |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, e in record["embedded"].items():
+        f = record["tiny_flux"][name]
+        lines.append(
+            f"| {name} | {e['completion_calls_per_sample']:.2f} | {e['spearman']:.3f} | {e['sign_agreement']:.3f} "
+            f"| {f['completion_calls_per_sample']:.2f} | {f['spearman']:.3f} | {f['sign_agreement']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 settings, 1 batch of 2 prompts a model (smoke test)")
@@ -84,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {"embedded": summary(embedded), "tiny_flux": summary(flux)}
     print(json.dumps(record, indent=1))
     Path(f"{out}_summary.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}.png/.json, {out}_tiny_flux.png/.json, {out}_summary.json")
+    Path(f"{out}.md").write_text(table(record))
+    print(f"wrote {out}.png/.json/.md, {out}_tiny_flux.png/.json, {out}_summary.json")
     return 0
 
 

@@ -62,6 +62,7 @@ def test_completion_signal_measures_both_models(tmp_path):
         full = summary[model]["every step, Euler"]
         assert full["spearman"] == 1.0 and full["completion_calls_per_sample"] > 4
     assert Path(f"{out}_tiny_flux.png").stat().st_size > 1000
+    assert "| stride 4, DPM++(2M) |" in Path(f"{out}.md").read_text()
 
 
 def test_gpu_smoke_flux_dev_path_extrapolates_a_reduced_plan(tmp_path):
