@@ -184,6 +184,25 @@ class MethodConfig:
     """BranchGRPO: factor on the SDE noise at splits (the log-prob uses the same std)."""
 
 
+WANDB_MODES = ("online", "offline")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = False
+    """Also write each iteration's metrics.jsonl numbers, the held-out evaluations and their sample grid as
+    TensorBoard events in RUN/tensorboard/ (``tensorboard --logdir RUN/tensorboard``; pip install
+    'egrpo[tensorboard]')."""
+    wandb: bool = False
+    """Also log them to Weights & Biases (pip install 'egrpo[wandb]'); the run's id is kept in RUN/wandb_run_id,
+    so ``--resume`` continues the same W&B run."""
+    wandb_project: str = "egrpo"
+    """W&B project the run is logged to (the run is named after its directory)."""
+    wandb_mode: str = "online"
+    """'online' (stream to the W&B server; needs ``wandb login``) or 'offline' (only files in RUN/wandb/, no
+    network; upload later with ``wandb sync RUN/wandb/offline-run-*``)."""
+
+
 @dataclass
 class Config:
     seed: int = 0
@@ -202,6 +221,7 @@ class Config:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -468,6 +488,9 @@ def validate(config: Config) -> None:
         (config.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
         (config.eval.seeds_per_prompt >= 1, "eval.seeds_per_prompt must be >= 1"),
         (config.eval.every >= 0, "eval.every must be >= 0"),
+        (config.logging.wandb_mode in WANDB_MODES,
+         f"logging.wandb_mode must be 'online' or 'offline', got {config.logging.wandb_mode!r}"),
+        (bool(config.logging.wandb_project.strip()), "logging.wandb_project must name a W&B project"),
         (bool(config.reward), "reward must name at least one reward, e.g. {alignment: 1.0}"),
         (all(isinstance(g, int) and g >= 1 for g in config.method.granularities) and config.method.granularities,
          f"method.granularities must be a list of integers >= 1, got {config.method.granularities}"),

@@ -35,6 +35,7 @@ from egrpo.rewards import WeightedReward
 from egrpo.rollout import Rollout, sample_images
 from egrpo.stepmath import gaussian_log_prob, sde_distribution
 from egrpo.tasks import Task, build_task
+from egrpo.tracking import MetricsLog, check_available
 
 
 def iteration_generator(seed: int, iteration: int, slot: int = -1) -> torch.Generator:
@@ -87,6 +88,9 @@ class Trainer:
         self._config_changes = resume_changes(config, chosen_dir) if resume else {}
         # Join the process group first: it pins this rank's CUDA device before any weights load.
         self.world = World.from_env(config.train.distributed)
+        if self.world.is_main:  # a missing TensorBoard or W&B is refused before the weights load, not after
+            check_available(config.logging)
+        self._log: MetricsLog | None = None  # metrics.jsonl and the dashboards: rank 0 opens it when training starts
         self._lock = ckpt.RunLock(chosen_dir) if resume and self.world.is_main else None  # before loading
         fsdp = self.world.mode == "fsdp"
         if fsdp:
@@ -376,9 +380,15 @@ class Trainer:
     # ---- the run ------------------------------------------------------------------------------------
     def train(self) -> dict:
         """Base evaluation, the iterations (checkpointed), final evaluation and weights; ``summary.json``."""
+        failed = True
         try:
-            return self._train()
+            summary = self._train()
+            failed = False
+            return summary
         finally:
+            if self._log is not None:
+                self._log.close(failed)
+                self._log = None
             if self._lock is not None:
                 self._lock.release()
 
@@ -387,12 +397,15 @@ class Trainer:
 
         cfg = self.config
         main = self.world.is_main
+        if main:
+            self._log = MetricsLog(self.run_dir, cfg, self.start_iteration)
         base_file, base_images_file = self.run_dir / "eval_base.json", self.run_dir / "eval_base_images.safetensors"
         if not self.world.broadcast(base_file.exists()):
             base_metrics, base_images = self.evaluate()
             if main:
                 save_file({"images": base_images}, str(base_images_file))
                 ckpt.atomic_write_text(base_file, json.dumps(base_metrics))
+                self._log.evaluation(0, base_metrics, base_images)
         self.world.barrier()
         base = json.loads(base_file.read_text())
         if main and self.method.uses_entropy_plan:
@@ -405,13 +418,12 @@ class Trainer:
         bar = _progress(self.start_iteration, cfg.train.iterations, self.progress and main, self.method.label)
         try:
             for it in range(self.start_iteration, cfg.train.iterations):
-                metrics = self.iteration(it)
+                metrics, eval_images = self.iteration(it), None
                 if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.train.iterations:
-                    metrics["eval"] = self.evaluate()[0]
+                    metrics["eval"], eval_images = self.evaluate()
                 metrics["elapsed"] = elapsed_before + time.perf_counter() - started
                 if main:
-                    with open(self.run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(metrics) + "\n")
+                    self._log.iteration(metrics, eval_images)
                 done = it + 1
                 self._stop_requested = self.world.any(self._stop_requested)
                 if done % cfg.checkpoint_every == 0 or done == cfg.train.iterations or self._stop_requested:
@@ -450,6 +462,7 @@ class Trainer:
 
             export(self.run_dir, self.run_dir / "diffusers", replace=True)
         ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        self._log.evaluation(cfg.train.iterations, final, final_images)
         report.plot_rewards(self.run_dir / "metrics.jsonl", self.run_dir / "reward_curve.png")
         report.plot_sample_grid(
             load_file(str(base_images_file))["images"],
@@ -513,11 +526,12 @@ class Trainer:
 
 
 # Settings a resumed run may change: how long it runs, how often it evaluates and checkpoints, how it batches
-# (memory, not results), whether it also exports for diffusers. Anything else would make the run's config.yaml
-# describe a run that did not happen.
+# (memory, not results), whether it also exports for diffusers, where it is watched. Anything else would make the
+# run's config.yaml describe a run that did not happen.
 RESUMABLE_CHANGES = (
     "train.iterations", "eval.every", "checkpoint_every", "train.max_skipped_steps", "train.max_batch",
-    "model.decode_batch", "train.export_diffusers",
+    "model.decode_batch", "train.export_diffusers", "logging.tensorboard", "logging.wandb", "logging.wandb_project",
+    "logging.wandb_mode",
 )
 
 
