@@ -300,10 +300,10 @@ def apply(config: Config, values: dict[str, Any], source: str, sources: dict[str
     (recorded per key in ``sources`` when given)."""
     keys = known_keys()
     for key, value in values.items():
-        if sources is not None:
-            sources[key] = source
         if key.startswith("reward.") and key != "reward":
             _set_reward_option(config, key, value)
+            if sources is not None:
+                sources[key] = source
             continue
         if key in SECTIONS:
             raise ConfigError(
@@ -317,6 +317,8 @@ def apply(config: Config, values: dict[str, Any], source: str, sources: dict[str
             else:
                 raise ConfigError(f"{source}: unknown config key {key!r}.{_suggest(key, list(keys))}")
         value = _check_type(key, value, keys[key])
+        if sources is not None:  # under the full key, which is what `egrpo config` looks values up by
+            sources[key] = source
         target = config
         *parents, leaf = key.split(".")
         for name in parents:

@@ -40,8 +40,9 @@ def test_the_command_line_beats_method_defaults_and_a_users_file_is_asked(tmp_pa
 
 
 def test_config_prints_resolved_yaml_and_where_values_come_from(capsys):
-    assert main(["config", "flux-dev-hps", "--method", "dancegrpo", "train.iterations=5"]) == 0
+    assert main(["config", "flux-dev-hps", "--method", "dancegrpo", "train.iterations=5", "tau=2.4"]) == 0
     out = capsys.readouterr().out
+    assert re.search(r"#\s+plan.tau: 2.4\s+command line", out)  # a short key is recorded under its full name
     assert "noise: dance" in out and "eta: 0.3" in out
     assert re.search(r"#\s+sampling.eta: 0.3\s+method dancegrpo defaults", out)
     assert re.search(r"#\s+train.iterations: 5\s+command line", out)
