@@ -549,15 +549,28 @@ def resume_changes(config: Config, run_dir: Path) -> dict[str, list]:
         raise ConfigError(f"--resume {run_dir}: its config.yaml does not load ({exc})") from None
     new = flat_values(config)
     changed = {k: [saved.get(k), v] for k, v in new.items() if saved.get(k) != v}
-    refused = [k for k in changed if k not in RESUMABLE_CHANGES]
+    same_scores = "reward" in changed and _scoring(saved["reward"]) == _scoring(new["reward"])
+    refused = [k for k in changed if k not in RESUMABLE_CHANGES and not (k == "reward" and same_scores)]
     if refused:
         key = refused[0]
         raise ConfigError(
             f"--resume {run_dir} cannot change {', '.join(refused)} (e.g. {key}: {changed[key][0]!r} -> "
-            f"{changed[key][1]!r}); a resumed run may change only {', '.join(RESUMABLE_CHANGES)}. To go on from "
+            f"{changed[key][1]!r}); a resumed run may change only {', '.join(RESUMABLE_CHANGES)} and a reward's "
+            f"{', '.join(REWARD_PLACEMENT_OPTIONS)}. To go on from "
             f"its weights with other settings, start a new run with model.checkpoint={run_dir}"
         )
     return changed
+
+
+# Reward options that say where and how a reward runs, not what it scores: a resumed run may move its reward
+# server or its reward model's device.
+REWARD_PLACEMENT_OPTIONS = ("url", "timeout", "retries", "device", "batch_size")
+
+
+def _scoring(reward: dict) -> dict:
+    """The reward section without placement options, each reward as a mapping (a bare number is its weight)."""
+    specs = {name: spec if isinstance(spec, dict) else {"weight": spec} for name, spec in reward.items()}
+    return {name: {k: v for k, v in spec.items() if k not in REWARD_PLACEMENT_OPTIONS} for name, spec in specs.items()}
 
 
 def _check_fsdp_supported(config: Config) -> None:

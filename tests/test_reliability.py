@@ -12,7 +12,7 @@ from egrpo.checkpoint import CheckpointError, load_weights, save_weights, traina
 from egrpo.cli import main
 from egrpo.embedded.model import DigitsPolicy
 from egrpo.errors import TrainingStopped
-from egrpo.trainer import Trainer
+from egrpo.trainer import Trainer, resume_changes
 
 TINY = ["train.prompts_per_iteration=2", "train.group_size=3", "plan.active_steps=first:2", "eval.seeds_per_prompt=1"]
 
@@ -123,3 +123,8 @@ def test_resume_accepts_only_safe_changes_and_records_them(tmp_path, eval_prompt
     (record,) = [json.loads(line) for line in (run / "config_changes.jsonl").read_text().splitlines()]
     assert record["changes"] == {"train.iterations": [1, 2], "eval.every": [0, 1]}
     assert cfg.load(str(run / "config.yaml")).train.iterations == 2
+    # where a reward runs may move (a reward server's URL, a device); what it scores may not
+    assert main(["train", "--resume", str(run), "reward.alignment.weight=0.5"]) == 2
+    assert "cannot change reward" in capsys.readouterr().err
+    moved = cfg.load(str(run / "config.yaml"), ["reward.alignment.device=cpu", "reward.alignment.batch_size=16"])
+    assert set(resume_changes(moved, run)) == {"reward"}
