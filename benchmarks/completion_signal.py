@@ -8,7 +8,7 @@ transformer, 64 x 64 images through a random VAE, JPEG compressibility), so it t
 latent-space model's flow keeps the group's order under a coarse completion as the digits model's does,
 not whether rewards are meaningful.
 
-    python benchmarks/completion_signal.py            # both, about 3 minutes on 2 cores
+    python benchmarks/completion_signal.py            # both, under 10 minutes on 2 cores
     python benchmarks/completion_signal.py --quick    # fewer groups (a test runs this)
 """
 
