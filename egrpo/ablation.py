@@ -50,6 +50,7 @@ SWEEPS: dict[str, list[tuple[str, list[str], float | None]]] = {
         ("MixGRPO", ["method=mixgrpo"], 0.378),
         ("BranchGRPO", ["method=branchgrpo"], 0.358),
         ("DanceGRPO", ["method=dancegrpo"], 0.353),
+        ("E-GRPO-Fast", ["method=egrpo-fast"], None),
         ("Flow-GRPO", ["method=flowgrpo"], None),
         ("Flow-GRPO-Fast", ["method=flowgrpo-fast"], None),
     ],
