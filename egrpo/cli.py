@@ -415,18 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     ent.add_argument("--max-length", type=_positive, default=6, help="longest merge length drawn (default 6)")
     spr = figs.add_parser("spread", help="within-group reward std when branching at each step, single vs merged "
                                          "jump (Fig. 1a)")
-    spr.add_argument("config", nargs="?", help="config file or shipped config name (default: embedded)")
-    spr.add_argument("overrides", nargs="*", help=overrides_help)
-    spr.add_argument("--checkpoint", help="weights to branch from (default: the config's model)")
-    spr.add_argument("--batches", type=_positive, default=2,
-                     help="batches of train.prompts_per_iteration prompts, groups of train.group_size (default 2)")
     com = figs.add_parser("completion", help="signal a cheap ODE completion keeps: rank correlation and advantage "
                                              "sign agreement with the full one, per branch step (fast E-GRPO)")
-    com.add_argument("config", nargs="?", help="config file or shipped config name (default: embedded)")
-    com.add_argument("overrides", nargs="*", help=overrides_help)
-    com.add_argument("--checkpoint", help="weights to branch from (default: the config's model)")
-    com.add_argument("--batches", type=_positive, default=2,
-                     help="batches of train.prompts_per_iteration prompts, groups of train.group_size (default 2)")
+    for sp in (spr, com):  # both branch the config's model over batches of prompts
+        sp.add_argument("config", nargs="?", help="config file or shipped config name (default: embedded)")
+        sp.add_argument("overrides", nargs="*", help=overrides_help)
+        sp.add_argument("--checkpoint", help="weights to branch from (default: the config's model)")
+        sp.add_argument("--batches", type=_positive, default=2,
+                        help="batches of train.prompts_per_iteration prompts, groups of train.group_size (default 2)")
     cur = figs.add_parser("curves", help="training reward curves of runs, one line each (Fig. 4)")
     cur.add_argument("runs", nargs="+", metavar="RUN", help="run directories of egrpo train")
     cur.add_argument("--labels", help="comma-separated line labels (default: each run's method)")

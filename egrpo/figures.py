@@ -76,20 +76,41 @@ def entropy(config: cfg.Config, out: Path, max_length: int = 6) -> dict:
 
 
 # ---- (b) spread -----------------------------------------------------------------------------------------
+def _base_model(config: cfg.Config):
+    """(task, reward) for measurements on the config's model, in eval mode."""
+    from egrpo.rewards import WeightedReward
+    from egrpo.tasks import build_task
+
+    task = build_task(config)
+    task.policy.model.eval()
+    return task, WeightedReward(cfg.reward_specs(config))
+
+
+def _same_draws(config: cfg.Config, task, batches: int):
+    """Per batch: its prompts, their conditioning, and a function returning fresh per-prompt generators that
+    start alike for every variant compared on the batch, so the variants see the same noises."""
+    n_prompts = min(config.train.prompts_per_iteration, len(task.train_prompts))
+    for b in range(batches):
+        draw = torch.Generator().manual_seed(config.seed * 7919 + b)
+        rows = torch.randperm(len(task.train_prompts), generator=draw)[:n_prompts]
+        prompts = [task.train_prompts[int(r)] for r in rows]
+
+        def generators(b=b):
+            return [torch.Generator().manual_seed((config.seed * 1009 + b) * 101 + k) for k in range(n_prompts)]
+
+        yield prompts, task.policy.encode(prompts), generators
+
+
 def spread(config: cfg.Config, out: Path, batches: int = 2) -> dict:
     """Branch G samples from the ODE anchor at EVERY step, once with a single-step SDE jump and once with
     the configured merge rule, finish by ODE, and measure the std of the reward within each group.
 
     Both variants use the same prompts, initial noises and jump noises, so they differ only in the jump.
     """
-    from egrpo.rewards import WeightedReward
     from egrpo.rollout import rollout_branches
-    from egrpo.tasks import build_task
 
-    task = build_task(config)
+    task, reward = _base_model(config)
     policy = task.policy
-    policy.model.eval()
-    reward = WeightedReward(cfg.reward_specs(config))
     t, s, p = config.train, config.sampling, config.plan
     every_step = {**cfg.plan_kwargs(config), "active_steps": "all"}
     rule = f"tau = {p.tau}" if p.merge == "adaptive" else f"{p.merge} {p.merge_length}"
@@ -99,14 +120,9 @@ def spread(config: cfg.Config, out: Path, batches: int = 2) -> dict:
     }
     n_prompts, group = min(t.prompts_per_iteration, len(task.train_prompts)), t.group_size
     stds: dict[str, list[list[float]]] = {name: [[] for _ in range(s.num_steps)] for name in variants}
-    for b in range(batches):
-        draw = torch.Generator().manual_seed(config.seed * 7919 + b)
-        rows = torch.randperm(len(task.train_prompts), generator=draw)[:n_prompts]
-        prompts = [task.train_prompts[int(r)] for r in rows]
-        cond = policy.encode(prompts)
+    for prompts, cond, generators in _same_draws(config, task, batches):
         for name, plan in variants.items():
-            gens = [torch.Generator().manual_seed((config.seed * 1009 + b) * 101 + k) for k in range(n_prompts)]
-            ro = rollout_branches(policy, plan, cond, group, gens, s.noise, t.max_batch)
+            ro = rollout_branches(policy, plan, cond, group, generators(), s.noise, t.max_batch)
             scores, _ = reward.score(policy.decode(ro.finals), [prompts[int(r)] for r in ro.final_rows])
             for ts in ro.train_steps:
                 per_group = scores[ts.leaves[:, 0]].reshape(n_prompts, group).std(1, unbiased=False)
@@ -179,29 +195,20 @@ def completion(config: cfg.Config, out: Path, batches: int = 2, settings: dict[s
     cheap completion with those under the full one: Spearman rank correlation, and the share of samples whose
     advantage (the group z-score) keeps its sign. Also the completion's network calls per sample.
     """
-    from egrpo.rewards import WeightedReward
     from egrpo.rollout import rollout_branches
-    from egrpo.tasks import build_task
 
     settings = settings or COMPLETIONS
-    task = build_task(config)
+    task, reward = _base_model(config)
     policy = task.policy
-    policy.model.eval()
-    reward = WeightedReward(cfg.reward_specs(config))
     t, s = config.train, config.sampling
     plan = make_plan(**cfg.plan_kwargs(config))
     n_prompts, group, k = min(t.prompts_per_iteration, len(task.train_prompts)), t.group_size, len(plan.branches)
     rewards: dict[str, list[torch.Tensor]] = {name: [] for name in settings}
     calls: dict[str, float] = {}
-    for b in range(batches):
-        draw = torch.Generator().manual_seed(config.seed * 7919 + b)
-        rows = torch.randperm(len(task.train_prompts), generator=draw)[:n_prompts]
-        prompts = [task.train_prompts[int(r)] for r in rows]
-        cond = policy.encode(prompts)
+    for prompts, cond, generators in _same_draws(config, task, batches):
         for name, spec in settings.items():
-            gens = [torch.Generator().manual_seed((config.seed * 1009 + b) * 101 + j) for j in range(n_prompts)]
             ro = rollout_branches(
-                policy, plan, cond, group, gens, s.noise, t.max_batch, granularities=(spec.get("stride", 1),),
+                policy, plan, cond, group, generators(), s.noise, t.max_batch, granularities=(spec.get("stride", 1),),
                 completion_steps=spec.get("steps"), solver=spec.get("solver", "euler"),
             )
             scores, _ = reward.score(policy.decode(ro.finals), [prompts[int(r)] for r in ro.final_rows])
