@@ -24,6 +24,7 @@ from egrpo.errors import ConfigError
 from egrpo.methods import METHODS
 from egrpo.planner import make_plan, plan_kwargs
 from egrpo.rewards import available
+from egrpo.rewards import factory as reward_factory
 from egrpo.rollout import ODE_SOLVERS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -527,10 +528,11 @@ def validate(config: Config) -> None:
     for name, (weight, _) in reward_specs(config).items():
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
             raise ConfigError(f"reward.{name}: the weight must be a finite number, got {weight!r}")
-    unknown = [n for n in config.reward if n not in available()]
+    unknown = [n for n in config.reward if reward_factory(n) is None]
     if unknown:
         raise ConfigError(
-            f"reward: unknown reward {unknown[0]!r}; available: {', '.join(available())}."
+            f"reward: unknown reward {unknown[0]!r}; available: {', '.join(available())}, or http-LABEL for "
+            "another served reward."
             + _suggest(unknown[0], available())
         )
     try:

@@ -19,9 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from egrpo import config as cfg
 from egrpo.cli import main
 from egrpo.errors import ConfigError
-from egrpo.rewards import build
+from egrpo.rewards import WeightedReward, build
 from egrpo.rewards.remote import PROTOCOL, HttpReward, RemoteRewardError, RewardServer, decode_images, encode_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +97,21 @@ def test_a_thread_server_scores_quality_and_png_is_exact_for_a_reward_that_round
         rgb = torch.rand((6, 3, 8, 8), generator=torch.Generator().manual_seed(2))
         for batch in (images[:6], rgb):
             assert torch.equal(build("http", url=url, encoding="png")(batch, prompts[:6]), jpeg(batch, prompts[:6]))
+
+
+def test_several_served_rewards_weigh_and_log_apart_as_http_label(alignment_url, tmp_path):
+    images, prompts = _batch(n=26, seed=3)
+    quality = build("quality")
+    with served_in_thread(quality, "quality") as quality_url:
+        specs = {"http-align": (0.7, {"url": alignment_url}), "http-quality": (0.3, {"url": quality_url})}
+        total, parts = WeightedReward(specs).score(images, prompts)
+    assert torch.equal(parts["http-align"], build("alignment")(images, prompts))
+    assert torch.equal(parts["http-quality"], quality(images, prompts))
+    assert torch.equal(total, 0.7 * parts["http-align"] + 0.3 * parts["http-quality"])
+    config = cfg.load("embedded", ["reward={http-hps: 0.7, http-clip: 0.3}", "reward.http-hps.url=http://a:1"])
+    assert config.reward["http-hps"] == {"weight": 0.7, "url": "http://a:1"}
+    with pytest.raises(ConfigError, match=r"unknown reward 'http-'.*http-LABEL"):
+        cfg.load("embedded", ["reward={http-: 1.0}"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])

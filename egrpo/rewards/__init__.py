@@ -2,7 +2,8 @@
 
 A reward scores a batch of images (B, C, H, W) in [0, 1] against their prompts and returns a
 float tensor (B,). Adding one is one class plus one ``register`` line. ``http`` scores with a reward
-served by another process or machine (``egrpo serve-reward``, :mod:`egrpo.rewards.remote`).
+served by another process or machine (``egrpo serve-reward``, :mod:`egrpo.rewards.remote`); ``http-LABEL``
+is another one, so several served rewards can be weighed together.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class Reward(Protocol):
 
 
 _REGISTRY: dict[str, Callable[..., Reward]] = {}
+REMOTE_PREFIX = "http-"
 
 
 def register(name: str, factory: Callable[..., Reward]) -> None:
@@ -31,16 +33,30 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build(name: str, **options) -> Reward:
+def factory(name: str) -> Callable[..., Reward] | None:
+    """What builds reward ``name``: its registered factory, or for ``http-LABEL`` the ``http`` reward's, so that
+    several served rewards (``http-hps``, ``http-clip``) take their own weights, options and metric names."""
     _register_builtin()
-    if name not in _REGISTRY:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.startswith(REMOTE_PREFIX) and len(name) > len(REMOTE_PREFIX):
+        return _REGISTRY["http"]
+    return None
+
+
+def build(name: str, **options) -> Reward:
+    make = factory(name)
+    if make is None:
         import difflib
 
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY))}.{hint}")
+        raise ConfigError(
+            f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY))}, or {REMOTE_PREFIX}LABEL for "
+            f"another served reward.{hint}"
+        )
     try:
-        return _REGISTRY[name](**options)
+        return make(**options)
     except TypeError as exc:
         raise ConfigError(f"reward {name!r}: bad options {sorted(options)} ({exc})") from None
 
