@@ -88,7 +88,8 @@ def integrate_ode(
     solver: str = "euler",
 ) -> tuple[torch.Tensor, int]:
     """ODE from grid position ``start`` (per sample, default 0) to sigma = 0, ``stride`` grid steps
-    per network call (per sample; the last step is clamped to the grid's end). Returns (x_0, network calls)."""
+    per network call (per sample; the last step is clamped to the grid's end), by ``solver`` (see
+    :func:`solve_ode`). Returns (x_0, network calls)."""
     num_steps = len(sigmas) - 1
     start = torch.zeros(x.shape[0], dtype=torch.long) if start is None else start
     stride = torch.as_tensor(stride).expand(x.shape[0])
