@@ -37,6 +37,7 @@ from egrpo.rewards.loading import (
     resolve_dtype,
     skip_weight_init,
 )
+from egrpo.rewards.pil_resize import pil_bicubic_resize
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -52,14 +53,9 @@ def as_rgb(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
 
 
 def _pil_resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """PIL's antialiased bicubic resize of an 8-bit image, on a float tensor holding 8-bit levels: PIL filters
-    the width, rounds to 8 bits, then filters the height and rounds again; torch's antialiased bicubic is a port of
-    PIL's filter, so with the same two roundings the result lands on PIL's levels but for rare ties."""
-    for size in ((x.shape[-2], width), (height, width)):
-        if size != tuple(x.shape[-2:]):
-            x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-            x = x.mul(255).round_().clamp_(0, 255).div_(255)
-    return x
+    """PIL's bicubic resize of an 8-bit image, bit for bit, on a float tensor holding levels / 255, on x's device
+    (egrpo/rewards/pil_resize.py says how and why it is not Pillow itself)."""
+    return pil_bicubic_resize(x.mul(255).round(), height, width).div_(255)
 
 
 def _resize_shorter(images: torch.Tensor, size: int, pil: bool) -> torch.Tensor:
