@@ -22,7 +22,10 @@ What Pillow 13 does (``ImagingResampleInner`` and its helpers in libImaging/Resa
 
 Arithmetic: the weights are integers below 2^23 in magnitude and the levels integers up to 255, so every
 product and every partial sum is an integer far below 2^53 and a float64 matrix product computes Pillow's int32
-sums exactly, whatever the summation order of the device's kernel (float64 has no TF32 mode).
+sums exactly, whatever the summation order of the device's kernel (float64 has no TF32 mode). Each output pixel
+reads only a few input pixels, so the matrix is a band: a pass multiplies blocks of ``BLOCK`` output pixels by the
+input pixels their windows span. Gathering the taps one by one instead was slower on a CPU (12 images of
+1024 x 1024 to 224 x 224 on 2 cores: 10 to 35 s against 0.9 s for whole-matrix products).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import functools
 import torch
 
 PRECISION_BITS = 22  # Pillow: 32 bits - 8 for the result - 2 for the overshoot of negative lobes
+BLOCK = 32  # output pixels per matrix product
 
 
 def _bicubic(x: float) -> float:
@@ -46,17 +50,17 @@ def _bicubic(x: float) -> float:
 
 
 @functools.lru_cache(maxsize=64)
-def pil_taps(in_size: int, out_size: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """Pillow's integer bicubic weights resizing one axis of ``in_size`` pixels to ``out_size``, as
-    (output index, input index, weight) per tap; a weight is the real weight times 2^22, rounded half away from
-    zero. Host integers (they depend on the two sizes only), computed in double as Pillow's
+def pil_taps(in_size: int, out_size: int) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """Pillow's integer bicubic weights resizing one axis of ``in_size`` pixels to ``out_size``: the first input
+    pixel of each output pixel's window, and the window's weights, each the real weight times 2^22 rounded half
+    away from zero. Host integers (they depend on the two sizes only), computed in double as Pillow's
     ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` compute them."""
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = 2.0 * filterscale  # the bicubic filter's support, 2, stretched when downscaling
     inv_filterscale = 1.0 / filterscale
     one = 1 << PRECISION_BITS
-    rows, cols, weights = [], [], []
+    firsts, windows = [], []
     for out in range(out_size):
         center = (out + 0.5) * scale
         first = max(int(center - support + 0.5), 0)  # int() truncates toward zero, as C's cast
@@ -67,25 +71,35 @@ def pil_taps(in_size: int, out_size: int) -> tuple[tuple[int, ...], tuple[int, .
             total += w
         if total != 0.0:
             taps = [w / total for w in taps]
-        for i, w in enumerate(taps, start=first):
-            rows.append(out)
-            cols.append(i)
-            weights.append(int(w * one - 0.5) if w < 0 else int(w * one + 0.5))
-    return tuple(rows), tuple(cols), tuple(weights)
+        firsts.append(first)
+        windows.append(tuple(int(w * one - 0.5) if w < 0 else int(w * one + 0.5) for w in taps))
+    return tuple(firsts), tuple(windows)
 
 
 def _weight_matrix(in_size: int, out_size: int, like: torch.Tensor) -> torch.Tensor:
     """(out_size, in_size) float64 matrix of Pillow's integer weights, on ``like``'s device."""
-    rows, cols, weights = pil_taps(in_size, out_size)
-    index = (torch.tensor(rows, device=like.device), torch.tensor(cols, device=like.device))
-    matrix = torch.zeros(out_size, in_size, dtype=torch.float64, device=like.device)
-    return matrix.index_put_(index, torch.tensor(weights, dtype=torch.float64, device=like.device))
+    firsts, windows = pil_taps(in_size, out_size)
+    width = max(len(w) for w in windows)
+    device = like.device
+    weights = torch.tensor([w + (0,) * (width - len(w)) for w in windows], dtype=torch.float64, device=device)
+    # a window shorter than the longest is padded with zero weights on a pixel of the image: adding 0 is exact
+    index = (torch.tensor(firsts, device=device)[:, None] + torch.arange(width, device=device)).clamp_(max=in_size - 1)
+    return torch.zeros(out_size, in_size, dtype=torch.float64, device=device).scatter_add_(1, index, weights)
 
 
 def _pass(levels: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     """One of Pillow's 8-bit passes along ``dim`` (-1: width, -2: height) of float64 levels."""
-    matrix = _weight_matrix(levels.shape[dim], size, levels)
-    sums = levels @ matrix.T if dim == -1 else matrix @ levels
+    in_size = levels.shape[dim]
+    matrix = _weight_matrix(in_size, size, levels)
+    firsts, windows = pil_taps(in_size, size)
+    parts = []
+    # BLOCK output pixels at a time, each block times only the input pixels its windows read: the matrix is a band
+    for start in range(0, size, BLOCK):
+        stop = min(start + BLOCK, size)
+        lo, hi = firsts[start], max(f + len(w) for f, w in zip(firsts[start:stop], windows[start:stop]))
+        block, part = matrix[start:stop, lo:hi], levels.narrow(dim, lo, hi - lo)
+        parts.append(part @ block.T if dim == -1 else block @ part)
+    sums = torch.cat(parts, dim)
     # (sum + 2^21) >> 22, then clip to 8 bits: adding and dividing by powers of two is exact on these integers
     return sums.add_(1 << (PRECISION_BITS - 1)).div_(1 << PRECISION_BITS).floor_().clamp_(0, 255)
 
