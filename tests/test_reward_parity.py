@@ -1,5 +1,5 @@
 """egrpo's pretrained rewards against their authors' code: scores of hpsv2, PickScore's recipe, CLIP score and
-ImageReward recorded by ``tools/reward_reference.py`` on tiny seeded weights, 9 images x 12 prompts each.
+ImageReward recorded by ``tools/reward_reference.py`` on tiny seeded weights, 21 images x 12 prompts each.
 
 The fixtures hold tensor names, shapes and seeds; the weights are rebuilt here bit for bit, saved in each
 published format and loaded through the rewards' normal options. The tolerances are the measured bounds stated

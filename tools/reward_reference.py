@@ -46,7 +46,9 @@ CLIP_BPE = "clip_bpe"  # vocab.json + merges.txt: the first CLIP_MERGES merges o
 CLIP_MERGES = 3000
 BERT_VOCAB = "bert_vocab.txt"
 
-# name, height, width, kind: square and non-square, down- and upsampled, odd margins for the crop and the letterbox
+# name, height, width, kind: square and non-square, down- and upsampled, odd margins for the crop and the letterbox;
+# then tall and wide (Pillow filters the height first when it shrinks by more than twice the width's pixels), small
+# upscales (many exact halves, which Pillow rounds up), 1-pixel margins and odd crop margins, on diagonal stripes too
 IMAGES = [
     ("smooth_224x224", 224, 224, "smooth"),
     ("sharp_224x224", 224, 224, "sharp"),
@@ -57,6 +59,18 @@ IMAGES = [
     ("smooth_64x96", 64, 96, "smooth"),
     ("sharp_480x640", 480, 640, "sharp"),
     ("smooth_1024x1024", 1024, 1024, "smooth"),
+    ("stripes_900x225", 900, 225, "stripes"),
+    ("sharp_1000x250", 1000, 250, "sharp"),
+    ("lines_250x1000", 250, 1000, "lines"),
+    ("smooth_333x517", 333, 517, "smooth"),
+    ("sharp_517x333", 517, 333, "sharp"),
+    ("lines_225x224", 225, 224, "lines"),
+    ("sharp_224x225", 224, 225, "sharp"),
+    ("sharp_128x128", 128, 128, "sharp"),
+    ("stripes_128x96", 128, 96, "stripes"),
+    ("smooth_768x1344", 768, 1344, "smooth"),
+    ("stripes_450x602", 450, 602, "stripes"),
+    ("lines_97x131", 97, 131, "lines"),
 ]
 
 # plain, and every kind of text the prompt files of HPD and Pick-a-Pic hold that a cleaner changes
@@ -78,7 +92,14 @@ PROMPTS = [
 
 def image(height: int, width: int, kind: str, seed: int = 0) -> np.ndarray:
     """An 8-bit RGB image (H, W, 3): ``smooth`` is low-frequency colour waves, ``sharp`` is per-pixel noise over
-    hard-edged blocks, which is where resampling rules differ most."""
+    hard-edged blocks, which is where resampling rules differ most; ``stripes`` are 3-pixel diagonal stripes
+    (``((x + y) // 3) % 2 * 255`` in the first channel) and ``lines`` 1-pixel ones, black and white and their
+    inverse in the other channels, where an 8-bit rounding between two passes moves levels furthest."""
+    if kind in ("stripes", "lines"):
+        y, x = np.mgrid[0:height, 0:width]
+        a = ((x + y) // 3) % 2 * 255 if kind == "stripes" else (x + y) % 2 * 255
+        b = ((x - y) // 3) % 2 * 255 if kind == "stripes" else (x + 2 * y) % 3 * 127
+        return np.stack([a, 255 - a, b], -1).astype(np.uint8)
     rng = np.random.default_rng([seed, height, width, kind == "sharp"])
     y, x = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
     if kind == "smooth":
