@@ -56,17 +56,17 @@ def per_reward_advantages(
 
 def ppo_clip_loss(
     log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, clip_range: float
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``mean(max(-A r, -A clip(r, 1 - eps, 1 + eps)))`` with ``r = exp(log p - log p_old)``."""
     ratio = torch.exp(log_probs - old_log_probs)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
     loss = torch.maximum(unclipped, clipped).mean()
-    with torch.no_grad():
+    with torch.no_grad():  # tensors where the ratio is: the caller syncs them to the host once, when it must
         stats = {
-            "ratio_mean": ratio.mean().item(),
-            "ratio_max_dev": (ratio - 1).abs().max().item(),
-            "clip_fraction": ((ratio - 1).abs() > clip_range).float().mean().item(),
+            "ratio_mean": ratio.mean(),
+            "ratio_max_dev": (ratio - 1).abs().max(),
+            "clip_fraction": ((ratio - 1).abs() > clip_range).float().mean(),
         }
     return loss, stats
 

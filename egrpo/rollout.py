@@ -21,7 +21,15 @@ import torch
 
 from egrpo.planner import RolloutPlan
 from egrpo.policy import Cond, Policy, select
-from egrpo.stepmath import NoiseKind, dpm_solver_2m_step, gaussian_log_prob, ode_step, sde_step, shifted_grid_from
+from egrpo.stepmath import (
+    NoiseKind,
+    dpm_solver_2m_step,
+    gaussian_log_prob,
+    ode_step,
+    per_sample,
+    sde_step,
+    shifted_grid_from,
+)
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
@@ -67,8 +75,8 @@ def chunked_velocity(policy: Policy, max_batch: int) -> VelocityFn:
             return policy.velocity(x, sigma, cond)
         outs = []
         for start in range(0, x.shape[0], max_batch):
-            rows = torch.arange(start, min(start + max_batch, x.shape[0]))
-            outs.append(policy.velocity(x[rows], sigma[rows], select(cond, rows)))
+            rows = slice(start, start + max_batch)  # a view: no gather of the chunk on the device
+            outs.append(policy.velocity(x[rows], sigma[rows], {k: v[rows] for k, v in cond.items()}))
         return torch.cat(outs)
 
     return velocity
@@ -132,7 +140,7 @@ def solve_ode(
                 calls += inner.numel()
                 nxt[inner] = ode_step(xm[inner], (v[inner].float() + v_end.float()) / 2, s[inner], t[inner])
         elif solver == "dpm2m":
-            x0 = xm.float() - v.float() * _column(s, xm)
+            x0 = xm.float() - v.float() * per_sample(s, xm)
             second = torch.nonzero(has_prev[moving] & (t > 0)).squeeze(1)
             if second.numel():
                 rows = moving[second]
@@ -143,10 +151,6 @@ def solve_ode(
             has_prev[moving] = True
         x[moving] = nxt
     return x, calls
-
-
-def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.float().reshape(-1, *([1] * (like.dim() - 1)))
 
 
 @torch.no_grad()

@@ -53,7 +53,7 @@ def noise_std(sigma: torch.Tensor, eta: float, sigma_clamp: float, kind: NoiseKi
 
 def ode_step(x: torch.Tensor, v: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
     """Deterministic Euler step ``x + v * (sigma_to - sigma_from)``; sigmas broadcast per sample (shape (B,))."""
-    dt = _per_sample(sigma_to - sigma_from, x)
+    dt = per_sample(sigma_to - sigma_from, x)
     return (x.float() + v.float() * dt).to(x.dtype)
 
 
@@ -86,9 +86,9 @@ def dpm_solver_2m_step(
     lam = [torch.log((1.0 - s.double()) / s.double()) for s in (sigma_prev, sigma_from, sigma_to)]
     h = lam[2] - lam[1]
     half_over_r = h / (2.0 * (lam[1] - lam[0]))
-    d = x0.float() + _per_sample(half_over_r, x) * (x0.float() - x0_prev.float())
-    ratio = _per_sample(sigma_to.double() / sigma_from.double(), x)
-    scale = _per_sample((1.0 - sigma_to.double()) * torch.expm1(-h), x)
+    d = x0.float() + per_sample(half_over_r, x) * (x0.float() - x0_prev.float())
+    ratio = per_sample(sigma_to.double() / sigma_from.double(), x)
+    scale = per_sample((1.0 - sigma_to.double()) * torch.expm1(-h), x)
     return (ratio * x.float() - scale * d).to(x.dtype)
 
 
@@ -119,7 +119,7 @@ def sde_mean_std(
     sig = sigma_from.float()
     g = g.float()
     coef = g**2 / (2.0 * sig)
-    mean = x32 + (v32 + _per_sample(coef, x32) * (x32 + _per_sample(1.0 - sig, x32) * v32)) * _per_sample(dt, x32)
+    mean = x32 + (v32 + per_sample(coef, x32) * (x32 + per_sample(1.0 - sig, x32) * v32)) * per_sample(dt, x32)
     std = g * torch.sqrt(-dt)
     return mean, std
 
@@ -151,7 +151,7 @@ def sde_step(
 ) -> SdeStep:
     """Sample ``x' = mean + std * noise``. With ``eta = 0`` this is exactly :func:`ode_step`."""
     mean, std = sde_distribution(x, v, sigma_from, sigma_to, eta, sigma_clamp, kind)
-    sample = mean + _per_sample(std, mean) * noise.float()
+    sample = mean + per_sample(std, mean) * noise.float()
     return SdeStep(sample=sample, mean=mean, std=std)
 
 
@@ -161,7 +161,7 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     Averaging keeps ``exp(log p - log p_old)`` finite for latents with 10^5 dimensions.
     """
     s32, m32 = sample.float(), mean.float()
-    std32 = _per_sample(std.float(), s32)
+    std32 = per_sample(std.float(), s32)
     log_density = -((s32 - m32) ** 2) / (2.0 * std32**2) - torch.log(std32) - 0.5 * math.log(2.0 * math.pi)
     return log_density.flatten(1).mean(dim=1)
 
@@ -183,8 +183,11 @@ def step_entropy(sigmas: torch.Tensor, step: int, length: int, eta: float, kind:
     return float(torch.sqrt(TWO_PI_E * std**2 * drop))
 
 
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape per-sample values (B,) or a scalar to broadcast against ``like`` (B, ...)."""
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample values (B,) or a scalar, in fp32 on ``like``'s device, shaped to broadcast against ``like`` (B, ...).
+
+    Grids and sigmas stay on the host in fp64 (they steer the loops without a device sync); every
+    coefficient reaches the latents through here, so none of them meets a latent on another device."""
     values = torch.as_tensor(values, device=like.device).to(torch.float32)
     if values.dim() == 0:
         return values

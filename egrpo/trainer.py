@@ -22,17 +22,18 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from egrpo import checkpoint as ckpt
 from egrpo.config import Config, reward_specs
 from egrpo.distributed import World
 from egrpo.errors import ConfigError, TrainingStopped
 from egrpo.grpo import grouped_std, kl_to_reference, per_reward_advantages, ppo_clip_loss, transition_advantages
-from egrpo.methods import build_method
+from egrpo.methods import Method, build_method
 from egrpo.planner import RolloutPlan
-from egrpo.policy import Cond, select
+from egrpo.policy import Cond, Policy, select
 from egrpo.rewards import WeightedReward
-from egrpo.rollout import Rollout, sample_images
+from egrpo.rollout import Rollout, TrainStep, sample_images
 from egrpo.stepmath import gaussian_log_prob, sde_distribution
 from egrpo.tasks import Task, build_task
 from egrpo.tracking import MetricsLog, check_available
@@ -68,6 +69,42 @@ def make_evaluation(task: Task, config: Config, rank: int = 0, world_size: int =
     noise = torch.stack([noise[r] for r in rows]) if rows else torch.empty(0, *task.policy.latent_shape)
     cond = task.policy.encode([prompts[r] for r in rows]) if rows else None
     return Evaluation(prompts=prompts, rows=rows, noise=noise.to(task.policy.device), cond=cond)
+
+
+def chunk_loss(
+    policy: Policy, method: Method, config: Config, ts: TrainStep, a: int, b: int, cond: Cond, advantages: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of inputs ``a:b`` of trained step ``ts`` and of the transitions that leave them (docs/method.md
+    section 6), weighted so that the chunks of a step add up to the step's loss, and its statistics as detached
+    device tensors, each already weighted by the chunk's share of the step (``ratio_max_dev`` is a maximum).
+
+    The policy runs once per input; its G transitions' log-probs come from that one output. Everything new here is
+    made on the policy's device: the rollout's samples and log-probs are there already, the advantages (scored
+    wherever the rewards ran) are moved."""
+    train, noise = config.train, config.sampling.noise
+    sigmas, eta = method.sigmas, method.sde_eta()  # the noise level the rollout sampled with
+    n, m = ts.inputs.shape[0], ts.source.shape[0]
+    lo, hi = (int(i) for i in torch.searchsorted(ts.source, torch.tensor([a, b])))
+    sigma_from, sigma_to = sigmas[ts.step].expand(b - a), sigmas[ts.landing].expand(b - a)
+    x_in, chunk_cond = ts.inputs[a:b], select(cond, ts.cond_rows[a:b])
+    v = policy.velocity(x_in, sigma_from.float(), chunk_cond)
+    mean, std = sde_distribution(x_in, v, sigma_from, sigma_to, eta, float(sigmas[1]), noise)
+    src = ts.source[lo:hi] - a
+    log_probs = gaussian_log_prob(ts.samples[lo:hi], mean[src], std[src])
+    old, adv = ts.log_probs[lo:hi], advantages[lo:hi].to(log_probs.device)
+    loss, stats = ppo_clip_loss(log_probs, old, adv, train.clip_range)
+    share = (hi - lo) / m
+    stats = {name: value if name == "ratio_max_dev" else value * share for name, value in stats.items()}
+    loss = loss * ts.weight * share
+    if train.kl_coef > 0:
+        with torch.no_grad():
+            v_ref = policy.velocity(x_in, sigma_from.float(), chunk_cond, reference=True)
+            ref_mean, _ = sde_distribution(x_in, v_ref, sigma_from, sigma_to, eta, float(sigmas[1]), noise)
+        kl = kl_to_reference(mean, ref_mean, std)
+        loss = loss + train.kl_coef * kl * (b - a) / n
+        stats["kl"] = kl.detach() * share
+    stats["loss"] = loss.detach()
+    return loss, stats
 
 
 class Trainer:
@@ -274,59 +311,37 @@ class Trainer:
     def _update(self, ro: Rollout, cond: Cond, advantages: list[torch.Tensor], it: int) -> dict:
         """One optimizer step per trained step. The policy runs once per distinct input (the G members of
         an E-GRPO group share theirs); inputs are chunked to ``update_batch`` with gradients accumulated.
-        A step whose gradient norm is not finite is skipped (see :meth:`_skip`)."""
-        cfg, sampling = self.config.train, self.config.sampling
-        sigmas = self.method.sigmas
-        eta = self.method.sde_eta()  # the noise level the rollout sampled with
+        A step whose gradient norm is not finite is skipped (see :meth:`_skip`). Statistics stay on the
+        device until the step ends: one host sync per optimizer step, not one per chunk and statistic."""
+        cfg = self.config.train
         self.model.train()
         stats: dict[str, list[float]] = {}
         skipped = 0
         for j, ts in enumerate(ro.train_steps):
-            n, m = ts.inputs.shape[0], ts.source.shape[0]
-            step_stats: dict[str, float] = {}
+            n = ts.inputs.shape[0]
+            totals: dict[str, torch.Tensor] = {}
             self.optimizer.zero_grad(set_to_none=True)
             for a in range(0, n, cfg.update_batch):
                 b = min(a + cfg.update_batch, n)
-                sync = self.world.no_sync(self.policy.model, last_chunk=b == n)
-                lo, hi = (int(i) for i in torch.searchsorted(ts.source, torch.tensor([a, b])))
-                sigma_from = sigmas[ts.step].expand(b - a)
-                sigma_to = sigmas[ts.landing].expand(b - a)
-                x_in, chunk_cond = ts.inputs[a:b], select(cond, ts.cond_rows[a:b])
-                v = self.policy.velocity(x_in, sigma_from.float(), chunk_cond)
-                mean, std = sde_distribution(x_in, v, sigma_from, sigma_to, eta, float(sigmas[1]), sampling.noise)
-                src = ts.source[lo:hi] - a
-                log_probs = gaussian_log_prob(ts.samples[lo:hi], mean[src], std[src])
-                # Advantages come from rewards scored on the CPU; the log-probs live on the policy's device.
-                old, adv = (t[lo:hi].to(log_probs.device) for t in (ts.log_probs, advantages[j]))
-                loss, chunk_stats = ppo_clip_loss(log_probs, old, adv, cfg.clip_range)
-                loss = loss * ts.weight * (hi - lo) / m
-                if cfg.kl_coef > 0:
-                    with torch.no_grad():
-                        v_ref = self.policy.velocity(x_in, sigma_from.float(), chunk_cond, reference=True)
-                        ref_mean, _ = sde_distribution(
-                            x_in, v_ref, sigma_from, sigma_to, eta, float(sigmas[1]), sampling.noise
-                        )
-                    kl = kl_to_reference(mean, ref_mean, std)
-                    loss = loss + cfg.kl_coef * kl * (b - a) / n
-                    chunk_stats["kl"] = kl.item()
-                with sync:
+                loss, chunk_stats = chunk_loss(self.policy, self.method, self.config, ts, a, b, cond, advantages[j])
+                with self.world.no_sync(self.policy.model, last_chunk=b == n):
                     loss.backward()
-                chunk_stats["loss"] = loss.item() * m / (hi - lo)
                 for name, value in chunk_stats.items():
-                    reduce = max if name == "ratio_max_dev" else None
-                    step_stats[name] = (
-                        reduce(step_stats.get(name, value), value) if reduce
-                        else step_stats.get(name, 0.0) + value * (hi - lo) / m
+                    known = totals.get(name)
+                    totals[name] = value if known is None else (
+                        torch.maximum(known, value) if name == "ratio_max_dev" else known + value
                     )
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            if isinstance(grad_norm, DTensor):  # FSDP: a norm over shards, whole once reduced
+                grad_norm = grad_norm.full_tensor()
+            step_stats = dict(zip([*totals, "grad_norm"], torch.stack([*totals.values(), grad_norm.float()]).tolist()))
             # The norm is of the reduced gradients, the same on every rank, so every rank decides alike.
-            if torch.isfinite(grad_norm):
+            if math.isfinite(step_stats["grad_norm"]):
                 self.optimizer.step()
                 self._skip_streak = 0
             else:
                 self.optimizer.zero_grad(set_to_none=True)
                 skipped += self._skip(1, it, "gradient norm")["skipped_steps"]
-            step_stats["grad_norm"] = grad_norm.item()
             if j == 0:
                 step_stats["first_ratio_max_dev"] = step_stats["ratio_max_dev"]
             for name, value in step_stats.items():

@@ -80,13 +80,18 @@ class DigitsPolicy:
     """Policy adapter of the embedded task (see :class:`egrpo.policy.Policy`)."""
 
     latent_shape = (TOKENS, CHANNELS)
-    device = torch.device("cpu")
 
-    def __init__(self, config: TinyFluxConfig | None = None, model: nn.Module | None = None):
+    def __init__(
+        self, config: TinyFluxConfig | None = None, model: nn.Module | None = None, device: torch.device | str = "cpu"
+    ):
+        """``device``: where the network runs and latents live (a network built on the meta device stays there
+        until FSDP fills its shards)."""
         self.config = config or TinyFluxConfig()
-        self.model = model if model is not None else build_transformer(self.config)
-        self._img_ids = image_ids()
-        self._txt_ids = torch.zeros(self.config.max_tokens, 3)
+        self.device = torch.device(device)
+        model = model if model is not None else build_transformer(self.config)
+        self.model = model if any(p.is_meta for p in model.parameters()) else model.to(self.device)
+        self._img_ids = image_ids().to(self.device)
+        self._txt_ids = torch.zeros(self.config.max_tokens, 3, device=self.device)
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._reference: nn.Module | None = None
 
@@ -106,11 +111,12 @@ class DigitsPolicy:
         if reference and self._reference is None:
             raise RuntimeError("velocity(reference=True) needs freeze_reference() first")
         net = self._reference if reference else self.model
+        cond = {name: value.to(self.device) for name, value in cond.items()}  # encode() answers on the CPU
         return net(
             hidden_states=x,
             encoder_hidden_states=cond["text"],
             pooled_projections=cond["pooled"],
-            timestep=sigma.to(x.dtype),
+            timestep=sigma.to(self.device, x.dtype),
             img_ids=self._img_ids,
             txt_ids=self._txt_ids,
             return_dict=False,
