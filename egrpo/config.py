@@ -132,6 +132,10 @@ class TrainConfig:
     max_skipped_steps: int = 10
     """An optimizer step whose rewards or gradient norm are not finite is skipped (and counted in metrics.jsonl);
     this many skipped in a row stop the run, leaving its last checkpoint untouched."""
+    deterministic: bool = False
+    """Deterministic GPU kernels (egrpo/determinism.py: deterministic algorithms, a fixed cuBLAS workspace, cuDNN
+    without autotuning, flash or math attention only), so that a run on one GPU and its resume repeat each other bit
+    for bit; slower. On the CPU runs are deterministic either way."""
     export_diffusers: bool = False
     """At the end of training, also write the final weights in diffusers' format to RUN/diffusers, as
     ``egrpo export RUN --out RUN/diffusers`` does: a LoRA file for ``pipe.load_lora_weights``, or a transformer

@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 
 from egrpo import checkpoint as ckpt
 from egrpo.config import Config, reward_specs
+from egrpo.determinism import make_deterministic
 from egrpo.distributed import World
 from egrpo.errors import ConfigError, TrainingStopped
 from egrpo.grpo import grouped_std, kl_to_reference, per_reward_advantages, ppo_clip_loss, transition_advantages
@@ -120,6 +121,8 @@ class Trainer:
         ``build_task(config)``."""
         self.config = config
         self.progress = progress
+        if config.train.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting once
+            make_deterministic()
         # A resumed run's changed settings are refused or accepted before any weights load.
         chosen_dir = Path(run_dir) if run_dir else default_run_dir(config)
         self._config_changes = resume_changes(config, chosen_dir) if resume else {}

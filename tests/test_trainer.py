@@ -22,8 +22,37 @@ def test_first_update_ratio_is_exactly_one(tmp_path, tiny_overrides):
                             "grad_norm", "seconds_rollout", "seconds_reward", "seconds_update"}
 
 
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_overrides):
-    extra = ["checkpoint_every=3"]
+@pytest.fixture
+def restores_determinism(monkeypatch):
+    """train.deterministic changes process-wide switches: put them back for the tests that follow."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark, torch.backends.cuda.mem_efficient_sdp_enabled(),
+             torch.backends.cuda.cudnn_sdp_enabled())
+    yield
+    torch.use_deterministic_algorithms(saved[0])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1], saved[2]
+    torch.backends.cuda.enable_mem_efficient_sdp(saved[3])
+    torch.backends.cuda.enable_cudnn_sdp(saved[4])
+
+
+def test_deterministic_switches_every_source_of_gpu_nondeterminism(tmp_path, tiny_overrides, restores_determinism):
+    import os
+
+    torch.backends.cuda.enable_mem_efficient_sdp(True)
+    trainer = Trainer(_config(tmp_path, tiny_overrides, iterations=1, extra=["train.deterministic=true"]),
+                      progress=False)
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert not torch.backends.cuda.mem_efficient_sdp_enabled() and not torch.backends.cuda.cudnn_sdp_enabled()
+    assert trainer.iteration(0)["first_ratio_max_dev"] == 0.0  # every op of an iteration has a deterministic kernel
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_overrides, deterministic,
+                                                                  restores_determinism):
+    extra = ["checkpoint_every=3", f"train.deterministic={str(deterministic).lower()}"]
     straight = Trainer(_config(tmp_path, tiny_overrides, "straight", 4, extra), progress=False)
     straight.train()
 
