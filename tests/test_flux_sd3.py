@@ -172,8 +172,10 @@ def test_preprocess_writes_what_the_pipelines_encode_prompt_returns(pipeline):
             assert torch.allclose(stored["uncond_pooled"], uncond_pooled[:1], atol=1e-6)
             assert text.shape[1] == 77 + 8  # CLIP-L|G tokens, then T5
     rows = cache.lookup(EVAL)
-    assert torch.equal(rows["text"], text) and torch.equal(rows["pooled"], pooled)
-    assert torch.equal(stored["text"][len(TRAIN):], text)
+    # preprocess encodes all 6 prompts in one batch, the pipeline here 2: a CPU's matmul may round a row
+    # differently in another batch size (SD3's pooled projection did, by 1e-7)
+    for ours, theirs in ((rows["text"], text), (rows["pooled"], pooled), (stored["text"][len(TRAIN):], text)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
 
 
 def test_missing_prompt_names_it_and_the_command(pipeline):
@@ -282,7 +284,10 @@ def test_reference_is_the_base_model(pipeline, tmp_path):
         policy = trainer.policy
         x = torch.randn(1, *policy.latent_shape)
         sigma, cond = torch.tensor([0.7]), policy.encode(TRAIN[:1])
-        assert torch.equal(policy.velocity(x, sigma, cond, reference=True), policy.velocity(x, sigma, cond))
+        # Equal up to float rounding: a full copy's weights sit at other addresses, and on some CPUs the matmul
+        # kernel's vector path depends on alignment (5e-7 apart here); LoRA's reference is the same network, exact.
+        torch.testing.assert_close(policy.velocity(x, sigma, cond, reference=True), policy.velocity(x, sigma, cond),
+                                   rtol=0, atol=0 if lora else 1e-5)
         metrics = trainer.iteration(0)
         assert metrics["first_ratio_max_dev"] == 0.0 and metrics["kl"] > 0
         with torch.no_grad():
