@@ -132,6 +132,11 @@ class TrainConfig:
     max_skipped_steps: int = 10
     """An optimizer step whose rewards or gradient norm are not finite is skipped (and counted in metrics.jsonl);
     this many skipped in a row stop the run, leaving its last checkpoint untouched."""
+    max_weight_growth: float = 10.0
+    """Divergence guard: the run stops (exit 1, ``diverged`` in summary.json, its last checkpoint kept as the result)
+    when the trained weights' L2 norm exceeds this multiple of the base model's, or when the weights, the policy's
+    samples or the held-out reward turn NaN or inf (a non-finite reward or gradient alone skips its step, see
+    max_skipped_steps). 0 turns the norm test off; the non-finite tests stay."""
     deterministic: bool = False
     """Deterministic GPU kernels (egrpo/determinism.py: deterministic algorithms, a fixed cuBLAS workspace, cuDNN
     without autotuning, flash or math attention only), so that a run on one GPU and its resume repeat each other bit
@@ -485,6 +490,8 @@ def validate(config: Config) -> None:
         (t.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
         (t.kl_coef >= 0, "train.kl_coef must be >= 0"),
         (t.max_batch >= 1, "train.max_batch must be >= 1"),
+        (t.max_weight_growth == 0 or t.max_weight_growth > 1,
+         "train.max_weight_growth must be > 1 (a multiple of the base model's weight norm), or 0 to turn it off"),
         (t.update_batch >= 1, "train.update_batch must be >= 1"),
         (t.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1"),
         (t.distributed in ("ddp", "fsdp"), f"train.distributed must be 'ddp' or 'fsdp', got {t.distributed!r}"),

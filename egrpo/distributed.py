@@ -16,6 +16,7 @@ written and read by every rank; the final ``model.safetensors`` is streamed one 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -145,6 +146,17 @@ class World:
         total = own.clone()
         dist.all_reduce(total)
         return float(total), per_rank
+
+    def weight_norm(self, model: nn.Module) -> float:
+        """L2 norm of every trained weight: a collective under FSDP (the shards' squares are all-reduced), with
+        no gather of weights; under DDP each rank's replica gives it alone."""
+        from egrpo.sharding import shard_square_sum
+
+        squares = shard_square_sum(model)
+        if self.size > 1 and self.mode == "fsdp":
+            squares = squares.clone()
+            dist.all_reduce(squares)
+        return math.sqrt(float(squares))
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on any (e.g. a Ctrl-C that reached one rank first)."""

@@ -117,6 +117,13 @@ def shard_sums(model: nn.Module) -> torch.Tensor:
     return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64)
 
 
+def shard_square_sum(model: nn.Module) -> torch.Tensor:
+    """Sum of squares of this rank's own part of every trained tensor, in float64 on the parameters' device."""
+    reshard(model)
+    parts = [local_part(p).detach().double().square().sum() for p in trainable_state(model).values()]
+    return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64)
+
+
 def write_safetensors_stream(
     path: Path,
     layout: dict[str, tuple[tuple[int, ...], torch.dtype]],

@@ -72,6 +72,14 @@ def make_evaluation(task: Task, config: Config, rank: int = 0, world_size: int =
     return Evaluation(prompts=prompts, rows=rows, noise=noise.to(task.policy.device), cond=cond)
 
 
+class Diverged(TrainingStopped):
+    """The divergence guard stopped the run; ``summary`` is what its summary.json says."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
 def chunk_loss(
     policy: Policy, method: Method, config: Config, ts: TrainStep, a: int, b: int, cond: Cond, advantages: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -162,10 +170,14 @@ class Trainer:
         self.start_iteration = 0
         self._stop_requested = False
         self._skip_streak = 0  # optimizer steps skipped in a row for non-finite values
+        self._base_norm: float | None = None  # the divergence guard's yardstick: the base model's weight norm
+        self._samples_finite = True
         if resume:
             self._resume()
         else:
             self._start_new_run()
+        if self._base_norm is None:
+            self._base_norm = self.world.weight_norm(self.model)
 
     def _fsdp_param_dtype(self) -> torch.dtype | None:
         """FSDP's gather / compute dtype: train.fsdp_param_dtype, else the policy's compute dtype."""
@@ -235,6 +247,7 @@ class Trainer:
                     params[name].copy_(value)
             self.optimizer.load_state_dict(optimizer_state)
         self.start_iteration = state["iteration"]
+        self._base_norm = state.get("base_weight_norm")
         if self.world.is_main:
             metrics = self.run_dir / "metrics.jsonl"
             lines = metrics.read_text().splitlines()
@@ -263,6 +276,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.eval()
         ro = self.method.rollout(self.policy, cond, it, gen, prompt_gens)
+        self._samples_finite = not self.world.any(not bool(torch.isfinite(ro.finals).all()))
         t1 = time.perf_counter()
         rewards, anchor_rewards, parts = self._score(ro, prompts)
         t2 = time.perf_counter()
@@ -403,6 +417,10 @@ class Trainer:
             summary = self._train()
             failed = False
             return summary
+        except Diverged as exc:
+            if self.world.is_main:
+                ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(exc.summary, indent=2))
+            raise
         finally:
             if self._log is not None:
                 self._log.close(failed)
@@ -437,11 +455,13 @@ class Trainer:
         try:
             for it in range(self.start_iteration, cfg.train.iterations):
                 metrics, eval_images = self.iteration(it), None
+                metrics["weight_norm"] = self.world.weight_norm(self.model)
                 if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.train.iterations:
                     metrics["eval"], eval_images = self.evaluate()
                 metrics["elapsed"] = elapsed_before + time.perf_counter() - started
                 if main:
                     self._log.iteration(metrics, eval_images)
+                self._stop_if_diverged(it, metrics)
                 done = it + 1
                 self._stop_requested = self.world.any(self._stop_requested)
                 if done % cfg.checkpoint_every == 0 or done == cfg.train.iterations or self._stop_requested:
@@ -458,6 +478,7 @@ class Trainer:
                 bar.close()
 
         final, final_images = self.evaluate()
+        self._stop_if_diverged(cfg.train.iterations - 1, {"eval": final})
         checksum, checksums = self.world.checksums(self.model)
         summary = {
             "base": base,
@@ -491,6 +512,34 @@ class Trainer:
         )
         return summary
 
+    def _stop_if_diverged(self, it: int, metrics: dict) -> None:
+        """The divergence guard (train.max_weight_growth): after iteration ``it``, stop the run when the policy's
+        samples held NaN or inf, the trained weights' norm left its range, or the held-out reward is not finite.
+        The weights are then never published; the last checkpoint, written before, is the run's result."""
+        growth = self.config.train.max_weight_growth
+        norm = metrics.get("weight_norm")
+        held_out = metrics.get("eval", {}).get("reward")
+        reason = None
+        if not self._samples_finite:
+            reason = "the policy's samples held NaN or inf"
+        elif norm is not None and not math.isfinite(norm):
+            reason = "the trained weights hold NaN or inf"
+        elif norm is not None and growth and norm > growth * self._base_norm:
+            reason = (f"the trained weights' norm grew to {norm / self._base_norm:.3g}x the base model's "
+                      f"(train.max_weight_growth={growth:g})")
+        elif held_out is not None and not math.isfinite(held_out):
+            reason = f"the held-out reward is {held_out}"
+        if reason is None:
+            return
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        result = str(latest) if latest else "the base model (no checkpoint was written)"
+        raise Diverged(
+            f"iteration {it + 1}: the run diverged: {reason}. Its weights were not written; its result is {result}. "
+            f"Lower train.lr (now {self.config.train.lr:g}) and start again",
+            {"diverged": {"iteration": it + 1, "reason": reason}, "result": str(latest) if latest else "base",
+             "method": self.method.name, "iterations": it + 1},
+        )
+
     def _refuse_nonfinite_weights(self, what: str) -> None:
         """A collective: weights with a NaN or inf are never written (the sum of all weights is then not finite)."""
         total, _ = self.world.checksums(self.model)
@@ -507,12 +556,14 @@ class Trainer:
         if self.world.mode == "fsdp":
             shards = self.world.sharded_state(self.model, self.optimizer)
             ckpt.save_sharded_checkpoint(
-                self.run_dir, done, shards, arch, {"elapsed": elapsed}, self.world.is_main, self.world.barrier
+                self.run_dir, done, shards, arch, {"elapsed": elapsed, "base_weight_norm": self._base_norm},
+                self.world.is_main, self.world.barrier,
             )
             return
         if self.world.is_main:
             tensors = {k: v.detach().cpu() for k, v in ckpt.trainable_state(self.model).items()}
-            ckpt.save_checkpoint(self.run_dir, done, tensors, arch, self.optimizer.state_dict(), {"elapsed": elapsed})
+            state = {"elapsed": elapsed, "base_weight_norm": self._base_norm}
+            ckpt.save_checkpoint(self.run_dir, done, tensors, arch, self.optimizer.state_dict(), state)
         self.world.barrier()
 
     def _export(self, path: Path) -> None:

@@ -128,3 +128,42 @@ def test_resume_accepts_only_safe_changes_and_records_them(tmp_path, eval_prompt
     assert "cannot change reward" in capsys.readouterr().err
     moved = cfg.load(str(run / "config.yaml"), ["reward.alignment.device=cpu", "reward.alignment.batch_size=16"])
     assert set(resume_changes(moved, run)) == {"reward"}
+
+
+def test_a_diverging_run_stops_with_exit_1_and_publishes_no_weights(tmp_path, eval_prompt_file, capsys):
+    """lr 1e6: the first update blows the weights up (finite, but 1e7 times the base's norm)."""
+    run = tmp_path / "run"
+    code = main(["train", "--no-progress", *TINY, f"prompts.eval={eval_prompt_file}", "train.lr=1e6",
+                 "train.iterations=3", f"output_dir={run}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "iteration 1: the run diverged: the trained weights' norm grew" in err and "train.lr" in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["diverged"]["iteration"] == 1 and summary["result"] == "base"
+    assert not (run / "model.safetensors").exists() and not (run / "checkpoints").exists()
+
+
+def test_divergence_after_a_checkpoint_keeps_that_checkpoint_as_the_result(tmp_path, eval_prompt_file, monkeypatch):
+    """Healthy for 2 iterations (checkpointed), then the policy's samples turn NaN."""
+    config = cfg.load("embedded", [*TINY, f"prompts.eval={eval_prompt_file}", "train.iterations=4",
+                                   "checkpoint_every=2", f"output_dir={tmp_path / 'run'}"])
+    trainer = Trainer(config, progress=False)
+    healthy, iteration, broken = trainer.policy.velocity, trainer.iteration, []
+
+    def velocity(x, sigma, cond, reference=False):
+        v = healthy(x, sigma, cond, reference)
+        return v * float("nan") if broken else v
+
+    def iteration_breaking_at_the_third(it):
+        if it == 2:
+            broken.append(it)
+        return iteration(it)
+
+    monkeypatch.setattr(trainer.policy, "velocity", velocity)
+    monkeypatch.setattr(trainer, "iteration", iteration_breaking_at_the_third)
+    with pytest.raises(TrainingStopped, match="iteration 3: the run diverged: the policy's samples held NaN"):
+        trainer.train()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["result"].endswith("iter-000002") and summary["diverged"]["iteration"] == 3
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "iter-000002"
