@@ -135,7 +135,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from egrpo.evaluation import load_config
     from egrpo.planner import make_plan
     from egrpo.report import save_image_grid
-    from egrpo.rollout import sample_images
+    from egrpo.rollout import network_batch, sample_images
     from egrpo.tasks import build_task
 
     config = load_config(args.checkpoint, args.overrides)  # a run, one of its weights files, or 'base'
@@ -144,7 +144,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     noise = torch.randn((args.num, *task.policy.latent_shape), generator=torch.Generator().manual_seed(args.seed))
     noise = noise.to(task.policy.device)
     cond = task.policy.encode([args.prompt] * args.num)
-    images = sample_images(task.policy, cond, noise, plan.sigmas, config.train.max_batch)
+    images = sample_images(task.policy, cond, noise, plan.sigmas, network_batch(config.train.max_batch))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image_grid(images, out, title=args.prompt)

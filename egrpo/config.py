@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from egrpo.errors import ConfigError
-from egrpo.methods import METHODS
+from egrpo.methods import METHODS, build_method
 from egrpo.planner import make_plan, plan_kwargs
 from egrpo.rewards import available
 from egrpo.rewards import factory as reward_factory
@@ -118,8 +118,9 @@ class TrainConfig:
     """Gradient norm clip of each optimizer step."""
     kl_coef: float = 0.0
     """Weight of the KL to the frozen base model (paper: 0, no KL)."""
-    max_batch: int = 1024
-    """Most latents per network call during rollouts and evaluation (a memory bound)."""
+    max_batch: Union[int, str] = 1024
+    """Most latents per network call during rollouts and evaluation (a memory bound). 'auto': start at 1024 and,
+    when a training rollout runs out of GPU memory, halve it and roll the same samples out again."""
     distributed: str = "ddp"
     """Under torchrun: 'ddp' (a full copy per rank) or 'fsdp' (FSDP2 fully_shard, per transformer block: the
     model loads shard by shard, never whole, and checkpoints are sharded; see docs/flux-sd3.md)."""
@@ -489,7 +490,8 @@ def validate(config: Config) -> None:
          f"train.reward_normalization must be 'total' or 'per_reward', got {t.reward_normalization!r}"),
         (t.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
         (t.kl_coef >= 0, "train.kl_coef must be >= 0"),
-        (t.max_batch >= 1, "train.max_batch must be >= 1"),
+        (t.max_batch == "auto" or (isinstance(t.max_batch, int) and t.max_batch >= 1),
+         f"train.max_batch must be a number >= 1 or 'auto', got {t.max_batch!r}"),
         (t.max_weight_growth == 0 or t.max_weight_growth > 1,
          "train.max_weight_growth must be > 1 (a multiple of the base model's weight norm), or 0 to turn it off"),
         (t.update_batch >= 1, "train.update_batch must be >= 1"),
@@ -554,3 +556,4 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"plan.active_steps={p.active_steps!r} selects no step of the {s.num_steps}-step grid: nothing would train"
         )
+    build_method(config)  # the method checks its own options against this grid and plan

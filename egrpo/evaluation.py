@@ -20,7 +20,7 @@ from egrpo import config as cfg
 from egrpo.planner import make_plan
 from egrpo.policy import select
 from egrpo.rewards import WeightedReward
-from egrpo.rollout import sample_images
+from egrpo.rollout import network_batch, sample_images
 from egrpo.tasks import Task, build_task
 from egrpo.trainer import make_evaluation
 
@@ -103,7 +103,8 @@ def generate(
     rows = torch.arange(len(ev.prompts) if limit is None else min(limit, len(ev.prompts)))
     plan = make_plan(**cfg.plan_kwargs(config))
     task.policy.model.eval()
-    images = sample_images(task.policy, select(ev.cond, rows), ev.noise[rows], plan.sigmas, config.train.max_batch)
+    batch = network_batch(config.train.max_batch)
+    images = sample_images(task.policy, select(ev.cond, rows), ev.noise[rows], plan.sigmas, batch)
     return Generated(config=config, task=task, prompts=ev.prompts[: len(rows)], images=images)
 
 

@@ -107,7 +107,7 @@ def spread(config: cfg.Config, out: Path, batches: int = 2) -> dict:
 
     Both variants use the same prompts, initial noises and jump noises, so they differ only in the jump.
     """
-    from egrpo.rollout import rollout_branches
+    from egrpo.rollout import network_batch, rollout_branches
 
     task, reward = _base_model(config)
     policy = task.policy
@@ -122,7 +122,7 @@ def spread(config: cfg.Config, out: Path, batches: int = 2) -> dict:
     stds: dict[str, list[list[float]]] = {name: [[] for _ in range(s.num_steps)] for name in variants}
     for prompts, cond, generators in _same_draws(config, task, batches):
         for name, plan in variants.items():
-            ro = rollout_branches(policy, plan, cond, group, generators(), s.noise, t.max_batch)
+            ro = rollout_branches(policy, plan, cond, group, generators(), s.noise, network_batch(t.max_batch))
             scores, _ = reward.score(policy.decode(ro.finals), [prompts[int(r)] for r in ro.final_rows])
             for ts in ro.train_steps:
                 per_group = scores[ts.leaves[:, 0]].reshape(n_prompts, group).std(1, unbiased=False)
@@ -195,7 +195,7 @@ def completion(config: cfg.Config, out: Path, batches: int = 2, settings: dict[s
     cheap completion with those under the full one: Spearman rank correlation, and the share of samples whose
     advantage (the group z-score) keeps its sign. Also the completion's network calls per sample.
     """
-    from egrpo.rollout import rollout_branches
+    from egrpo.rollout import network_batch, rollout_branches
 
     settings = settings or COMPLETIONS
     task, reward = _base_model(config)
@@ -208,8 +208,9 @@ def completion(config: cfg.Config, out: Path, batches: int = 2, settings: dict[s
     for prompts, cond, generators in _same_draws(config, task, batches):
         for name, spec in settings.items():
             ro = rollout_branches(
-                policy, plan, cond, group, generators(), s.noise, t.max_batch, granularities=(spec.get("stride", 1),),
-                completion_steps=spec.get("steps"), solver=spec.get("solver", "euler"),
+                policy, plan, cond, group, generators(), s.noise, network_batch(t.max_batch),
+                granularities=(spec.get("stride", 1),), completion_steps=spec.get("steps"),
+                solver=spec.get("solver", "euler"),
             )
             scores, _ = reward.score(policy.decode(ro.finals), [prompts[int(r)] for r in ro.final_rows])
             rewards[name].append(scores.double().reshape(n_prompts, k, group))

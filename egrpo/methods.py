@@ -6,8 +6,9 @@ and the PPO-clip update are shared. Authors' defaults are given for their own st
 rescaled to the grid in use (``rescale``).
 
 A method is one class registered under its name (``@register``): it owns its config defaults, its
-rollout, the SDE noise level its samples and log-probs share, and its ``describe``. The trainer and
-the CLI only call these; adding a method is one class here.
+rollout, the SDE noise level its samples and log-probs share, its ``describe``, and its ``check`` of the
+``method.*`` values it reads against the grid and plan in use. The trainer and the CLI only call these;
+adding a method is one class here.
 
 | method         | engine       | SDE / trained steps                          | groups                          |
 |----------------|--------------|----------------------------------------------|---------------------------------|
@@ -35,11 +36,15 @@ import torch
 from egrpo.errors import ConfigError
 from egrpo.planner import Branch, RolloutPlan, make_plan, plan_kwargs
 from egrpo.policy import Cond, Policy
-from egrpo.rollout import Rollout, rollout_branches, rollout_trajectories, rollout_tree
+from egrpo.rollout import Rollout, network_batch, rollout_branches, rollout_trajectories, rollout_tree
 from egrpo.stepmath import noise_std
 
 if TYPE_CHECKING:  # the config loader reads each method's defaults from this registry
     from egrpo.config import Config
+
+
+def _step_range(first: int, last: int) -> str:
+    return f"steps {first}..{last}" if last > first else f"step {first}"
 
 
 def rescale(steps: list[int], authors_steps: int, num_steps: int) -> list[int]:
@@ -83,15 +88,25 @@ class Method:
     def sigmas(self) -> torch.Tensor:
         return self.plan.sigmas
 
+    def check(self) -> None:
+        """Refuse a ``method.*`` value that does not fit the grid (``sampling.num_steps``) or the plan
+        (``plan.active_steps``), naming the key, the value and the valid range, before any weights load.
+        A value the engine would clamp or cut is refused too: it would quietly be another method."""
+
     def sde_eta(self) -> float:
         """The SDE noise level a of its stochastic steps; the update's log-probs use the same one."""
         return self.config.sampling.eta
 
     def rollout(
-        self, policy: Policy, cond: Cond, iteration: int, generator: torch.Generator, prompt_generators: list
+        self, policy: Policy, cond: Cond, iteration: int, generator: torch.Generator, prompt_generators: list,
+        max_batch: int | None = None,
     ) -> Rollout:
-        """``generator`` is shared by all ranks (step choices); ``prompt_generators`` feed each prompt's noise."""
+        """``generator`` is shared by all ranks (step choices); ``prompt_generators`` feed each prompt's noise;
+        ``max_batch`` latents at most per network call (default: train.max_batch, 'auto' as its start)."""
         raise NotImplementedError
+
+    def max_batch(self, given: int | None) -> int:
+        return network_batch(self.config.train.max_batch) if given is None else given
 
     def describe(self, iteration: int = 0) -> dict:
         """What an iteration does per prompt (group size G): SDE and trained steps, groups, and the one count of
@@ -104,6 +119,42 @@ class BranchMethod(Method):
 
     def step_weights(self) -> dict[int, float] | None:
         return None
+
+    def check(self) -> None:
+        m, num_steps, planned = self.config.method, self.config.sampling.num_steps, self.plan.branches
+        too_coarse = [g for g in m.granularities if g > num_steps]
+        if too_coarse:
+            raise ConfigError(
+                f"method.granularities={m.granularities}: stride {too_coarse[0]} is longer than the {num_steps}-step "
+                f"grid (sampling.num_steps), so it is a one-call completion, as {num_steps} is; use strides in "
+                f"1..{num_steps}"
+            )
+        if len(set(m.granularities)) < len(m.granularities):
+            raise ConfigError(
+                f"method.granularities={m.granularities} repeats a stride, whose z-scores would count twice; "
+                "list each stride once"
+            )
+        earliest = min(b.landing for b in planned)
+        left = max(1, num_steps - earliest)  # the longest completion: from the earliest landing to sigma 0
+        one_call = [g for g in m.granularities if g >= left]
+        if len(one_call) > 1:
+            raise ConfigError(
+                f"method.granularities={m.granularities}: strides {one_call} all finish every branch in one call "
+                f"(at most {num_steps - earliest} steps are left after the earliest landing, step {earliest}), so "
+                f"the same completion would count {len(one_call)} times; keep one of them"
+            )
+        if m.branch_subsample is not None and m.branch_subsample > len(planned):
+            raise ConfigError(
+                f"method.branch_subsample={m.branch_subsample}: the plan has {len(planned)} branch steps "
+                f"{self.plan.active_steps} (plan.active_steps={self.config.plan.active_steps!r} on {num_steps} steps), "
+                f"so at most {len(planned)} can train per iteration; use 1..{len(planned)}, or null for all"
+            )
+        if m.subsample_weights != "uniform" and m.branch_subsample is None:
+            raise ConfigError(
+                f"method.subsample_weights={m.subsample_weights!r} weights the draw of method.branch_subsample "
+                f"steps, but branch_subsample is null (every planned step trains, nothing is drawn); set "
+                f"method.branch_subsample to 1..{len(planned)} or drop subsample_weights"
+            )
 
     def branches(self, generator: torch.Generator) -> list[Branch]:
         """The branch steps this iteration trains: all planned ones, or ``method.branch_subsample`` of them drawn
@@ -118,11 +169,11 @@ class BranchMethod(Method):
             chosen = torch.randperm(len(planned), generator=generator)[: m.branch_subsample]
         return [planned[int(i)] for i in sorted(chosen.tolist())]
 
-    def rollout(self, policy, cond, iteration, generator, prompt_generators):
+    def rollout(self, policy, cond, iteration, generator, prompt_generators, max_batch=None):
         c, s, m = self.config.train, self.config.sampling, self.config.method
         plan = dataclasses.replace(self.plan, branches=self.branches(generator))
         return rollout_branches(
-            policy, plan, cond, c.group_size, prompt_generators, s.noise, c.max_batch,
+            policy, plan, cond, c.group_size, prompt_generators, s.noise, self.max_batch(max_batch),
             granularities=tuple(m.granularities), step_weights=self.step_weights(),
             completion_steps=m.completion_steps, solver=m.completion_solver,
         )
@@ -200,12 +251,12 @@ class TrajectoryMethod(Method):
         """(SDE steps, trained steps) at this iteration."""
         raise NotImplementedError
 
-    def rollout(self, policy, cond, iteration, generator, prompt_generators):
+    def rollout(self, policy, cond, iteration, generator, prompt_generators, max_batch=None):
         c, s = self.config.train, self.config.sampling
         sde, trained = self.trajectory_steps(iteration, generator)
         return rollout_trajectories(
             policy, self.sigmas, cond, c.group_size, prompt_generators, sde, trained, self.sde_eta(), s.noise,
-            shared_noise=self.shared_noise, max_batch=c.max_batch,
+            shared_noise=self.shared_noise, max_batch=self.max_batch(max_batch),
         )
 
     def describe(self, iteration: int = 0) -> dict:
@@ -234,6 +285,16 @@ class FlowGRPOFast(TrajectoryMethod):
     name, label = "flowgrpo-fast", "Flow-GRPO-Fast"
     defaults = {"method.window": 2}
 
+    def check(self) -> None:
+        num_steps, window = self.config.sampling.num_steps, self.config.method.window
+        half = num_steps // 2
+        if window > half:
+            raise ConfigError(
+                f"method.window={window} does not fit flowgrpo-fast on the {num_steps}-step grid: its window is "
+                f"drawn inside the first half ({_step_range(0, half - 1)}), so it is 1..{half}; lower method.window "
+                "or raise sampling.num_steps"
+            )
+
     def trajectory_steps(self, iteration, generator):
         # The window starts anywhere in the first half, where the paper finds the useful signal.
         num_steps = self.config.sampling.num_steps
@@ -249,6 +310,15 @@ class DanceGRPO(TrajectoryMethod):
     }
     shared_noise = True
 
+    def check(self) -> None:
+        fraction, steps = self.config.method.train_fraction, self.plan.active_steps
+        if round(fraction * len(steps)) < 1:
+            raise ConfigError(
+                f"method.train_fraction={fraction} trains round({fraction} x {len(steps)}) = 0 of the {len(steps)} "
+                f"active steps (plan.active_steps={self.config.plan.active_steps!r}); use a fraction above "
+                f"{0.5 / len(steps):g} (one step) and up to 1"
+            )
+
     def trajectory_steps(self, iteration, generator):
         steps = self.plan.active_steps
         k = max(1, round(self.config.method.train_fraction * len(steps)))
@@ -261,6 +331,18 @@ class MixGRPO(TrajectoryMethod):
     name, label = "mixgrpo", "MixGRPO"
     defaults = {"method.window": 4}
     shared_noise = True
+
+    def check(self) -> None:
+        num_steps, window = self.config.sampling.num_steps, self.config.method.window
+        starts = num_steps // 2  # the window starts at steps 0 .. starts - 1 in turn
+        # never cut by the grid's end, and never every step (that is Flow-GRPO with shared noise)
+        longest = min(num_steps - starts + 1, num_steps - 1)
+        if window > longest:
+            raise ConfigError(
+                f"method.window={window} does not fit mixgrpo on the {num_steps}-step grid: the window starts at "
+                f"{_step_range(0, starts - 1)} in turn and must end on the grid and leave an ODE step, so it is "
+                f"1..{longest}; lower method.window or raise sampling.num_steps"
+            )
 
     def trajectory_steps(self, iteration, generator):
         # The window slides one step every `window_shift_every` iterations, wrapping around the first half.
@@ -283,11 +365,31 @@ class BranchGRPO(Method):
             return list(m.split_steps)
         return rescale([0, 3, 6, 9], 20, self.config.sampling.num_steps)
 
-    def rollout(self, policy, cond, iteration, generator, prompt_generators):
-        c, m = self.config.train, self.config.method
+    def check(self) -> None:
+        m, num_steps, splits = self.config.method, self.config.sampling.num_steps, self.split_steps()
+        if not splits:
+            raise ConfigError(
+                f"method.split_steps=[] splits no node, so nothing trains; list steps of 0..{num_steps - 1}, or null "
+                "for the authors' 0, 3, 6, 9 of 20 rescaled"
+            )
+        repeated = sorted({i for i in splits if splits.count(i) > 1})
+        if repeated and m.split_steps is None:
+            raise ConfigError(
+                f"method.split_steps=null: the authors' splits (steps 0, 3, 6, 9 of 20) rescaled to the {num_steps}-step "
+                f"grid repeat step {repeated[0]} ({splits}); set method.split_steps to distinct steps of "
+                f"0..{num_steps - 1} or raise sampling.num_steps to 4 or more"
+            )
+        if repeated:
+            raise ConfigError(
+                f"method.split_steps={splits} repeats step {repeated[0]}: a tree splits once per step; list each "
+                "step once"
+            )
+
+    def rollout(self, policy, cond, iteration, generator, prompt_generators, max_batch=None):
+        m = self.config.method
         return rollout_tree(
             policy, self.sigmas, cond, prompt_generators, self.split_steps(), m.branch_factor, self.sde_eta(),
-            self.config.sampling.noise, c.max_batch,
+            self.config.sampling.noise, self.max_batch(max_batch),
         )
 
     def describe(self, iteration: int = 0) -> dict:
@@ -306,4 +408,6 @@ def build_method(config: Config) -> Method:
     name = config.method.name
     if name not in METHODS:
         raise ConfigError(f"method {name!r} is not known; available: {', '.join(METHODS)}")
-    return METHODS[name](config)
+    method = METHODS[name](config)
+    method.check()
+    return method

@@ -67,6 +67,15 @@ class Rollout:
     anchor_finals: torch.Tensor | None = None  # (P, *latent) the pure-ODE anchor images, when the method has one
 
 
+AUTO_MAX_BATCH = 1024
+"""Where ``train.max_batch: auto`` starts; a training rollout that runs out of memory halves it and retries."""
+
+
+def network_batch(max_batch: int | str) -> int:
+    """``train.max_batch`` as a number of latents per network call ('auto': its starting point)."""
+    return AUTO_MAX_BATCH if max_batch == "auto" else max_batch
+
+
 def chunked_velocity(policy: Policy, max_batch: int) -> VelocityFn:
     """Velocity over any batch, in chunks of at most ``max_batch`` latents (memory bound for big models)."""
 

@@ -12,9 +12,11 @@ run repeats exactly what an uninterrupted one would have done.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,7 +36,7 @@ from egrpo.methods import Method, build_method
 from egrpo.planner import RolloutPlan
 from egrpo.policy import Cond, Policy, select
 from egrpo.rewards import WeightedReward
-from egrpo.rollout import Rollout, TrainStep, sample_images
+from egrpo.rollout import Rollout, TrainStep, network_batch, sample_images
 from egrpo.stepmath import gaussian_log_prob, sde_distribution
 from egrpo.tasks import Task, build_task
 from egrpo.tracking import MetricsLog, check_available
@@ -170,6 +172,7 @@ class Trainer:
         self.start_iteration = 0
         self._stop_requested = False
         self._skip_streak = 0  # optimizer steps skipped in a row for non-finite values
+        self.max_batch = network_batch(config.train.max_batch)  # 'auto' halves it on an out-of-memory
         self._base_norm: float | None = None  # the divergence guard's yardstick: the base model's weight norm
         self._samples_finite = True
         if resume:
@@ -271,11 +274,11 @@ class Trainer:
         rows = torch.randperm(len(self.task.train_prompts), generator=gen)[: p * self.world.size][first : first + p]
         prompts = [self.task.train_prompts[int(r)] for r in rows]
         cond = select(self.train_cond, rows)
-        prompt_gens = [iteration_generator(self.config.seed, it, slot) for slot in range(first, first + p)]
+        prompt_gens = [iteration_generator(self.config.seed, it, slot) for slot in self._prompt_slots()]
 
         t0 = time.perf_counter()
         self.model.eval()
-        ro = self.method.rollout(self.policy, cond, it, gen, prompt_gens)
+        ro = self._rollout(it, gen, cond, prompt_gens)
         self._samples_finite = not self.world.any(not bool(torch.isfinite(ro.finals).all()))
         t1 = time.perf_counter()
         rewards, anchor_rewards, parts = self._score(ro, prompts)
@@ -284,7 +287,9 @@ class Trainer:
         if self.world.any(not bool(torch.isfinite(rewards).all())):
             update = self._skip(len(ro.train_steps), it, "rewards")
         else:
-            update = self._update(ro, cond, self._advantages(ro, rewards, parts), it)
+            knobs = "train.update_batch, or turn on model.gradient_checkpointing"
+            with self._memory_guard("update", f"{self.config.train.update_batch} inputs a forward-backward", knobs):
+                update = self._update(ro, cond, self._advantages(ro, rewards, parts), it)
         t3 = time.perf_counter()
 
         group_std = [grouped_std(rewards[ts.leaves].mean(1), ts.groups) for ts in ro.train_steps]
@@ -298,12 +303,56 @@ class Trainer:
             **update,
             "optimizer_steps": len(ro.train_steps) - update["skipped_steps"],
             "network_calls": ro.network_calls + sum(ts.inputs.shape[0] for ts in ro.train_steps),
+            "max_batch": self.max_batch,
             "seconds_rollout": t1 - t0,
             "seconds_reward": t2 - t1,
             "seconds_update": t3 - t2,
             "seconds": t3 - t0,
         }
         return self.world.mean(metrics)
+
+    def _rollout(self, it: int, gen: torch.Generator, cond: Cond, prompt_gens: list[torch.Generator]) -> Rollout:
+        """The method's rollout at ``self.max_batch`` latents a network call. Under train.max_batch=auto an
+        out-of-memory halves it and rolls out again from generators drawn anew, so the samples are the same
+        (rows are independent: only the batching, and with it the GPU's rounding, changes)."""
+        while True:
+            try:
+                return self.method.rollout(self.policy, cond, it, gen, prompt_gens, self.max_batch)
+            except torch.OutOfMemoryError:
+                if self.config.train.max_batch != "auto" or self.max_batch == 1:
+                    raise self._out_of_memory("rollout", f"batches of {self.max_batch} latents", "train.max_batch "
+                                              "(or set it to auto)") from None
+            # Out of the except block, the failed attempt's tensors are free.
+            if self.policy.device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(f"iteration {it + 1}: out of GPU memory in the rollout at {self.max_batch} latents a call; "
+                  f"train.max_batch=auto retries it at {self.max_batch // 2}", file=sys.stderr, flush=True)
+            self.max_batch //= 2
+            gen, prompt_gens = iteration_generator(self.config.seed, it), [
+                iteration_generator(self.config.seed, it, slot) for slot in self._prompt_slots()
+            ]
+            torch.randperm(len(self.task.train_prompts), generator=gen)  # the prompt draw, as iteration() made it
+
+    def _prompt_slots(self) -> range:
+        first = self.world.rank * self.config.train.prompts_per_iteration
+        return range(first, first + self.config.train.prompts_per_iteration)
+
+    @contextlib.contextmanager
+    def _memory_guard(self, phase: str, batch: str, knobs: str):
+        """An out-of-memory in ``phase`` becomes one line naming it, the batch at the time and what cuts memory."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            raise self._out_of_memory(phase, batch, knobs) from None
+
+    def _out_of_memory(self, phase: str, batch: str, knobs: str) -> TrainingStopped:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        kept = f"the last checkpoint, {latest}, is untouched" if latest else "no checkpoint was written yet"
+        return TrainingStopped(
+            f"out of GPU memory in the {phase} ({batch} at the time): lower {knobs}; LoRA (model.lora_rank), "
+            f"gradient checkpointing (model.gradient_checkpointing=true) and FSDP (train.distributed=fsdp) cut "
+            f"memory too; {kept}"
+        )
 
     def _advantages(self, ro: Rollout, rewards: torch.Tensor, parts: dict) -> list[torch.Tensor]:
         """Group z-scores of each trained step's transitions (of the total reward, or of each reward)."""
@@ -320,7 +369,12 @@ class Trainer:
         latents, names = ro.finals, [prompts[int(r)] for r in ro.final_rows]
         if ro.anchor_finals is not None:
             latents, names = torch.cat([latents, ro.anchor_finals]), names + prompts
-        total, parts = self.reward.score(self.policy.decode(latents), names)
+        decode_batch = self.config.model.decode_batch
+        with self._memory_guard("decode", f"{decode_batch} latents a VAE call", "model.decode_batch"):
+            images = self.policy.decode(latents)
+        with self._memory_guard("reward", f"{len(names)} images", "the reward's batch_size (reward.NAME.batch_size), "
+                                "or move it to another GPU (reward.NAME.device) or server (reward http)"):
+            total, parts = self.reward.score(images, names)
         n = ro.finals.shape[0]
         anchors = total[n:] if ro.anchor_finals is not None else None
         return total[:n], anchors, {name: v[:n] for name, v in parts.items()}
@@ -390,8 +444,10 @@ class Trainer:
         metrics, images = {}, None
         if ev.rows:
             prompts = [ev.prompts[r] for r in ev.rows]
-            images = sample_images(self.policy, ev.cond, ev.noise, self.plan.sigmas, self.config.train.max_batch)
-            total, parts = self.reward.score(images, prompts)
+            with self._memory_guard("held-out evaluation", f"batches of {self.max_batch} latents",
+                                    "train.max_batch, model.decode_batch"):
+                images = sample_images(self.policy, ev.cond, ev.noise, self.plan.sigmas, self.max_batch)
+                total, parts = self.reward.score(images, prompts)
             if self.task.metrics is not None:
                 metrics = self.task.metrics(images, prompts)
             else:

@@ -167,3 +167,52 @@ def test_divergence_after_a_checkpoint_keeps_that_checkpoint_as_the_result(tmp_p
     assert summary["result"].endswith("iter-000002") and summary["diverged"]["iteration"] == 3
     assert not (tmp_path / "run" / "model.safetensors").exists()
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "iter-000002"
+
+
+@pytest.fixture
+def memory_limit(monkeypatch):
+    """The embedded policy's velocity raising CUDA's out-of-memory error for more than ``limit["latents"]`` latents
+    (in the rollout; in the update when ``limit["update"]``), as a GPU does when a batch does not fit."""
+    limit = {"latents": 8, "update": False}
+    velocity = DigitsPolicy.velocity
+
+    def limited(self, x, sigma, cond, reference=False):
+        if x.shape[0] > limit["latents"] and torch.is_grad_enabled() == limit["update"]:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {x.shape[0]} latents")
+        return velocity(self, x, sigma, cond, reference)
+
+    monkeypatch.setattr(DigitsPolicy, "velocity", limited)
+    return limit
+
+
+@pytest.mark.parametrize("update, expected", [
+    (False, "out of GPU memory in the rollout (batches of 64 latents at the time): lower train.max_batch"),
+    (True, "out of GPU memory in the update (1024 inputs a forward-backward at the time): lower train.update_batch"),
+])
+def test_out_of_memory_is_one_line_naming_the_phase_the_batch_and_the_knobs(
+    update, expected, tmp_path, eval_prompt_file, memory_limit, capsys
+):
+    memory_limit["update"], memory_limit["latents"] = update, 8 if not update else 1
+    code = main(["train", "--no-progress", *TINY, f"prompts.eval={eval_prompt_file}", "train.max_batch=64",
+                 "train.update_batch=1024", "train.iterations=1", f"output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert expected in err and "model.gradient_checkpointing=true" in err and "no checkpoint was written yet" in err
+
+
+def test_max_batch_auto_halves_on_out_of_memory_and_rolls_out_the_same_samples(
+    tmp_path, eval_prompt_file, memory_limit, capsys
+):
+    """12 latents a rollout call, 8 fit: auto goes 1024 -> ... -> 8 and then trains as max_batch=8 does."""
+    runs = {}
+    for name, max_batch in (("auto", "auto"), ("eight", "8")):
+        config = cfg.load("embedded", [*TINY, f"prompts.eval={eval_prompt_file}", f"train.max_batch={max_batch}",
+                                       "train.iterations=1", f"output_dir={tmp_path / name}"])
+        trainer = Trainer(config, progress=False)
+        runs[name] = trainer.iteration(0), {k: v.clone() for k, v in trainable_state(trainer.model).items()}
+    assert "out of GPU memory in the rollout at 16 latents a call; train.max_batch=auto retries it at 8" in \
+        capsys.readouterr().err
+    (auto, auto_weights), (eight, eight_weights) = runs["auto"], runs["eight"]
+    assert auto["max_batch"] == eight["max_batch"] == 8
+    assert auto["reward_mean"] == eight["reward_mean"] and auto["loss"] == eight["loss"]
+    assert all(torch.equal(auto_weights[k], eight_weights[k]) for k in auto_weights)
