@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: train test bench figures
+.PHONY: train test test-gpu bench figures
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,6 +17,12 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# Every GPU path in one command (benchmarks/gpu_suite.py, a few minutes on one GPU, nothing downloaded), with a
+# Python whose torch has CUDA: this venv made with TORCH=torch, or e.g. GPU_PYTHON=python3 on a machine with torch.
+GPU_PYTHON ?= $(PY)
+test-gpu: $(if $(filter $(PY),$(GPU_PYTHON)),$(VENV)/.installed)
+	$(GPU_PYTHON) benchmarks/gpu_suite.py
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/engine_overhead.py
