@@ -375,9 +375,9 @@ class BranchGRPO(Method):
         repeated = sorted({i for i in splits if splits.count(i) > 1})
         if repeated and m.split_steps is None:
             raise ConfigError(
-                f"method.split_steps=null: the authors' splits (steps 0, 3, 6, 9 of 20) rescaled to the {num_steps}-step "
-                f"grid repeat step {repeated[0]} ({splits}); set method.split_steps to distinct steps of "
-                f"0..{num_steps - 1} or raise sampling.num_steps to 4 or more"
+                f"method.split_steps=null: the authors' splits (steps 0, 3, 6, 9 of 20) rescaled to the "
+                f"{num_steps}-step grid repeat step {repeated[0]} ({splits}); set method.split_steps to distinct "
+                f"steps of 0..{num_steps - 1} or raise sampling.num_steps to 4 or more"
             )
         if repeated:
             raise ConfigError(

@@ -100,6 +100,7 @@ def tiny_config(method: str, **extra) -> cfg.Config:
     overrides = {
         "sampling.num_steps": 4, "plan.active_steps": "first:2", "train.group_size": 2,
         "train.prompts_per_iteration": 2, "train.update_batch": 2, "train.max_batch": 5, "train.kl_coef": 0.1,
+        "method.window": 2,  # MixGRPO's 4 would cover the whole 4-step grid, which is refused
         **extra,
     }
     return cfg.load("embedded", [f"method={method}", *(f"{k}={v}" for k, v in overrides.items())])

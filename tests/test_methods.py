@@ -83,6 +83,69 @@ def test_mixgrpo_window_slides_and_wraps():
     assert len(m.trajectory_steps(0, torch.Generator())[0]) == 4
 
 
+@pytest.mark.parametrize("name,half_only", [("mixgrpo", False), ("flowgrpo-fast", True)])
+def test_a_window_the_method_accepts_is_the_window_it_trains(name, half_only):
+    """Every window either is refused or gives, at every iteration, exactly that many consecutive steps on the
+    grid: never cut by the grid's end, never every step (MixGRPO), always in the first half (Flow-GRPO-Fast)."""
+    config = cfg.load("embedded", [f"method={name}", "train.iterations=40", "method.window_shift_every=1"])
+    for num_steps in range(2, 17):
+        accepted = []
+        for window in range(1, num_steps + 2):
+            config.sampling.num_steps, config.method.window = num_steps, window
+            try:
+                cfg.validate(config)
+            except cfg.ConfigError as exc:
+                assert f"method.window={window}" in str(exc) and f"1..{max(accepted, default=0)}" in str(exc)
+                continue
+            accepted.append(window)
+            m = build_method(config)
+            for it in range(num_steps):
+                sde, trained = m.trajectory_steps(it, torch.Generator().manual_seed(it))
+                assert sde == trained == list(range(sde[0], sde[0] + window)) and len(sde) < num_steps
+                assert sde[-1] < num_steps // 2 if half_only else sde[-1] < num_steps
+        assert accepted == list(range(1, len(accepted) + 1)) and accepted, (num_steps, accepted)
+
+
+def test_a_branch_subsample_the_method_accepts_is_what_each_iteration_trains():
+    config = cfg.load("embedded", ["method=egrpo-fast", "plan.active_steps=first:3"])
+    for k in (1, 2, 3):
+        config.method.branch_subsample = k
+        cfg.validate(config)
+        assert len(build_method(config).branches(torch.Generator().manual_seed(k))) == k
+    config.method.branch_subsample = 4
+    with pytest.raises(cfg.ConfigError, match=r"method.branch_subsample=4: the plan has 3 branch steps .* use 1..3"):
+        cfg.validate(config)
+
+
+def test_dancegrpo_refuses_a_fraction_that_trains_no_step():
+    config = cfg.load("embedded", ["method=dancegrpo", "plan.active_steps=first:4"])
+    config.method.train_fraction = 0.126  # 0.504 of a step: rounds to the one step it trains
+    cfg.validate(config)
+    assert len(build_method(config).trajectory_steps(0, torch.Generator())[1]) == 1
+    config.method.train_fraction = 0.125
+    with pytest.raises(cfg.ConfigError, match=r"train_fraction=0.125 trains .* = 0 of the 4 .* above 0.125"):
+        cfg.validate(config)
+
+
+def test_branchgrpo_default_splits_are_distinct_on_every_grid_they_fit():
+    config = cfg.load("embedded", ["method=branchgrpo"])
+    for num_steps in range(2, 41):
+        config.sampling.num_steps = num_steps
+        try:
+            cfg.validate(config)
+        except cfg.ConfigError as exc:
+            assert num_steps < 4 and "method.split_steps=null" in str(exc)
+            continue
+        splits = build_method(config).split_steps()
+        assert len(set(splits)) == 4 and all(0 <= i < num_steps for i in splits)
+
+
+def test_every_method_s_defaults_fit_every_grid_of_5_steps_or_more():
+    for name in METHODS:
+        for num_steps in range(5, 33, 3):
+            cfg.load("embedded", [f"method={name}", f"sampling.num_steps={num_steps}"])
+
+
 def test_branchgrpo_tree():
     m = _method("branchgrpo")
     d = m.describe()
