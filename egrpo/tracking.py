@@ -48,12 +48,18 @@ def _import_wandb():
     return wandb
 
 
-def check_available(config: LoggingConfig) -> None:
-    """Refuse, before any weights load, a sink whose package is missing."""
+def check_available(config: LoggingConfig, run_dir: Path) -> None:
+    """Refuse, before any weights load, a sink whose package is missing or whose folder in ``run_dir`` is a file."""
     if config.tensorboard:
         _import_tensorboard()
     if config.wandb:
         _import_wandb()
+    for enabled, key, name in ((config.tensorboard, "logging.tensorboard", TENSORBOARD_DIR),
+                               (config.wandb, "logging.wandb", "wandb")):
+        folder = run_dir / name
+        if enabled and folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{key}: {folder} is a file, where the run writes that folder; move it away or "
+                              "pick another output_dir")
 
 
 def scalars(record: dict, prefix: str = "") -> dict[str, float]:

@@ -139,7 +139,7 @@ class Trainer:
         # Join the process group first: it pins this rank's CUDA device before any weights load.
         self.world = World.from_env(config.train.distributed)
         if self.world.is_main:  # a missing TensorBoard or W&B is refused before the weights load, not after
-            check_available(config.logging)
+            check_available(config.logging, chosen_dir)
         self._log: MetricsLog | None = None  # metrics.jsonl and the dashboards: rank 0 opens it when training starts
         self._lock = ckpt.RunLock(chosen_dir) if resume and self.world.is_main else None  # before loading
         fsdp = self.world.mode == "fsdp"
@@ -204,8 +204,11 @@ class Trainer:
 
     # ---- run directory --------------------------------------------------------------------------
     def _start_new_run(self) -> None:
-        taken = self.world.broadcast((self.run_dir / "metrics.jsonl").exists())
-        if taken:
+        # A start that failed before its first iteration left config.yaml and an empty metrics.jsonl: nothing to
+        # resume there, so a new start takes the directory over (and evaluates the base model again, for its config).
+        metrics = self.run_dir / "metrics.jsonl"
+        started = (metrics.exists() and metrics.stat().st_size > 0) or ckpt.latest_checkpoint(self.run_dir) is not None
+        if self.world.broadcast(started):
             raise ConfigError(
                 f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} or pick another output_dir"
             )
@@ -213,8 +216,10 @@ class Trainer:
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._lock = ckpt.RunLock(self.run_dir)
+            for stale in ("eval_base.json", "eval_base_images.safetensors"):
+                (self.run_dir / stale).unlink(missing_ok=True)
             self.config.dump(self.run_dir / "config.yaml")
-            (self.run_dir / "metrics.jsonl").touch()
+            metrics.touch()
         self.world.barrier()
 
     def _resume(self) -> None:

@@ -216,3 +216,32 @@ def test_max_batch_auto_halves_on_out_of_memory_and_rolls_out_the_same_samples(
     assert auto["max_batch"] == eight["max_batch"] == 8
     assert auto["reward_mean"] == eight["reward_mean"] and auto["loss"] == eight["loss"]
     assert all(torch.equal(auto_weights[k], eight_weights[k]) for k in auto_weights)
+
+
+def test_a_start_that_failed_before_its_first_iteration_leaves_a_directory_a_rerun_takes_over(
+    tmp_path, eval_prompt_file, monkeypatch, capsys
+):
+    run, common = tmp_path / "run", ["train", "--no-progress", *TINY, f"prompts.eval={eval_prompt_file}",
+                                     "train.iterations=1", f"output_dir={tmp_path / 'run'}"]
+    evaluate = Trainer.evaluate
+
+    def reward_server_gone(self):  # what a reward server that stops answering does to the base evaluation
+        raise OSError("reward http: http://127.0.0.1:9/score: cannot connect")
+
+    monkeypatch.setattr(Trainer, "evaluate", reward_server_gone)
+    assert main(common) == 2
+    assert (run / "config.yaml").exists() and (run / "metrics.jsonl").read_text() == ""
+    capsys.readouterr()
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    assert main(common) == 0, capsys.readouterr().err
+    assert json.loads((run / "summary.json").read_text())["iterations"] == 1
+
+
+def test_a_file_where_the_tensorboard_folder_goes_is_refused_before_the_weights_load(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tensorboard").write_text("not a folder")
+    assert main(["train", "--no-progress", "logging.tensorboard=true", f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"egrpo train: error: logging.tensorboard: {tmp_path / 'run' / 'tensorboard'} is a file, where "
+                   "the run writes that folder; move it away or pick another output_dir")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["tensorboard"]
