@@ -14,6 +14,7 @@ import math
 import re
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -460,6 +461,28 @@ def load(
     return config
 
 
+def check_url(key: str, url: Any) -> None:
+    """An http or https address with a host and, where it names one, a port in 1..65535; refused here, not after
+    a reward server was tried and retried at start-up."""
+    example = f"e.g. {key}=http://127.0.0.1:8000"
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigError(f"{key}: expected a server's address, {example}, got {url!r}")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"{key}={url}: the scheme must be http:// or https://, {example}")
+    if any(c.isspace() for c in url):
+        raise ConfigError(f"{key}={url!r} holds a space; {example}")
+    if not parts.hostname:
+        raise ConfigError(f"{key}={url} names no host; {example}")
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or over 65535
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        written = parts.netloc.rpartition("]")[2].rpartition(":")[2]
+        raise ConfigError(f"{key}={url}: the port {written!r} is not a number in 1..65535; {example}")
+
+
 def validate(config: Config) -> None:
     """Range checks that need no model; prompt files and the plan are checked where they are loaded."""
     s, p, t = config.sampling, config.plan, config.train
@@ -548,6 +571,16 @@ def validate(config: Config) -> None:
             "another served reward."
             + _suggest(unknown[0], available())
         )
+    served = reward_factory("http")
+    for name, (_, options) in reward_specs(config).items():
+        if reward_factory(name) is served and "url" not in options:
+            raise ConfigError(
+                f"reward.{name}.url is not set: give the address egrpo serve-reward printed, e.g. "
+                f"reward.{name}.url=http://127.0.0.1:8000"
+            )
+        for option, value in options.items():
+            if option == "url" or option.endswith("_url"):
+                check_url(f"reward.{name}.{option}", value)
     try:
         plan = make_plan(**plan_kwargs(config))
     except ValueError as exc:

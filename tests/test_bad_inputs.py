@@ -79,6 +79,16 @@ CONFIG_MISTAKES = [
     (["plan", "method=branchgrpo", "method.split_steps=[1,1]"], "repeats step 1"),
     (["plan", "method=branchgrpo", "method.split_steps=[]"], "method.split_steps=[]"),
     (["plan", "model.kind=dalle"], "model.kind"),
+    # a served reward's address, refused before a server is tried (and retried) at start-up
+    (["plan", "reward={http: 1.0}", "reward.http.url=http://localhost:8OOO"],
+     "reward.http.url=http://localhost:8OOO: the port '8OOO' is not a number in 1..65535"),
+    (["plan", "reward={http: 1.0}", "reward.http.url=http://localhost:70000"], "'70000' is not a number in 1..65535"),
+    (["plan", "reward={http: 1.0}", "reward.http.url=http://localhost:0"], "'0' is not a number in 1..65535"),
+    (["plan", "reward={http: 1.0}", "reward.http.url=ftp://localhost:8000"], "scheme must be http:// or https://"),
+    (["plan", "reward={http: 1.0}", "reward.http.url=localhost:8000"], "scheme must be http:// or https://"),
+    (["plan", "reward={http: 1.0}", "reward.http.url=http://:8000"], "reward.http.url=http://:8000 names no host"),
+    (["plan", "reward={http-hps: 1.0}", "reward.http-hps.url=http://a b:1"], "reward.http-hps.url"),
+    (["plan", "reward={http: 1.0}"], "reward.http.url is not set"),
     (["plan", "nonsense"], "nonsense"),
     (["plan", "no_such_config"], "no_such_config"),
 ]

@@ -108,8 +108,11 @@ def test_several_served_rewards_weigh_and_log_apart_as_http_label(alignment_url,
     assert torch.equal(parts["http-align"], build("alignment")(images, prompts))
     assert torch.equal(parts["http-quality"], quality(images, prompts))
     assert torch.equal(total, 0.7 * parts["http-align"] + 0.3 * parts["http-quality"])
-    config = cfg.load("embedded", ["reward={http-hps: 0.7, http-clip: 0.3}", "reward.http-hps.url=http://a:1"])
+    config = cfg.load("embedded", ["reward={http-hps: 0.7, http-clip: 0.3}", "reward.http-hps.url=http://a:1",
+                                   "reward.http-clip.url=http://b:2"])
     assert config.reward["http-hps"] == {"weight": 0.7, "url": "http://a:1"}
+    with pytest.raises(ConfigError, match=r"reward.http-clip.url is not set"):  # each served reward has its own
+        cfg.load("embedded", ["reward={http-hps: 0.7, http-clip: 0.3}", "reward.http-hps.url=http://a:1"])
     with pytest.raises(ConfigError, match=r"unknown reward 'http-'.*http-LABEL"):
         cfg.load("embedded", ["reward={http-: 1.0}"])
 
