@@ -307,13 +307,19 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def apply(config: Config, values: dict[str, Any], source: str, sources: dict[str, str] | None = None) -> Config:
+def apply(
+    config: Config, values: dict[str, Any], source: str, sources: dict[str, str] | None = None, from_file: bool = False
+) -> Config:
     """Set dotted keys on ``config`` after checking each key and type; ``source`` names where they came from
-    (recorded per key in ``sources`` when given)."""
+    (recorded per key in ``sources`` when given; ``from_file``: it is a file, which every error names)."""
     keys = known_keys()
+    where = f"{source}: " if from_file else ""
     for key, value in values.items():
         if key.startswith("reward.") and key != "reward":
-            _set_reward_option(config, key, value)
+            try:
+                _set_reward_option(config, key, value)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}{exc}") from None
             if sources is not None:
                 sources[key] = source
             continue
@@ -328,7 +334,10 @@ def apply(config: Config, values: dict[str, Any], source: str, sources: dict[str
                 key = short[0]
             else:
                 raise ConfigError(f"{source}: unknown config key {key!r}.{_suggest(key, list(keys))}")
-        value = _check_type(key, value, keys[key])
+        try:
+            value = _check_type(key, value, keys[key])
+        except ConfigError as exc:
+            raise ConfigError(f"{where}{exc}") from None
         if sources is not None:  # under the full key, which is what `egrpo config` looks values up by
             sources[key] = source
         target = config
@@ -424,9 +433,11 @@ def load(
     if name_or_path:
         path = resolve_path(name_or_path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a YAML config (not UTF-8 text); give a .yaml file") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
         file_values, source = _flatten(data), str(path)
@@ -435,8 +446,10 @@ def load(
     cli_values = {("method.name" if k == "method" else k): v for k, v in cli_values.items()}
     method = cli_values.get("method.name", file_values.get("method.name", MethodConfig.name))
     if method not in METHODS:
+        where = f"{source}: " if "method.name" not in cli_values and "method.name" in file_values else ""
         raise ConfigError(
-            f"method {method!r} is not known; available: {', '.join(METHODS)}." + _suggest(str(method), list(METHODS))
+            f"{where}method {method!r} is not known; available: {', '.join(METHODS)}."
+            + _suggest(str(method), list(METHODS))
         )
     defaults, default_source = METHODS[method].defaults, f"method {method} defaults"
     if name_or_path and not shipped and "method.name" in cli_values:
@@ -454,11 +467,31 @@ def load(
     if not shipped:
         layers.reverse()
     config = Config()
+    sources = {} if sources is None else sources
     for layer_source, values in layers:
-        apply(config, values, layer_source, sources)
+        apply(config, values, layer_source, sources, from_file=bool(name_or_path) and layer_source == source)
     apply(config, cli_values, "command line", sources)
-    validate(config)
+    try:
+        validate(config)
+    except ConfigError as exc:
+        if name_or_path and _about_the_file(str(exc), sources, source):
+            raise ConfigError(f"{describe_source(source)}: {exc}") from None
+        raise
     return config
+
+
+def _about_the_file(message: str, sources: dict[str, str], file: str) -> bool:
+    """Whether a validation error is about a value ``file`` set: the first key the message names that the user set
+    (the value that is wrong; later ones say what it must fit; a method's default is not the user's), or for the
+    planner's own words, any plan or sampling key."""
+    if message.startswith("plan: "):
+        return any(v == file for k, v in sources.items() if k.startswith(("plan.", "sampling.")))
+    found = []
+    for key in sources:  # whole keys only: seed is not the seed in eval.seed, nor method.window in window_shift_every
+        match = re.search(rf"(?<![\w.-]){re.escape(key)}(?![\w-])", message)
+        if match and not sources[key].startswith("method "):
+            found.append((match.start(), -len(key), key))
+    return bool(found) and sources[min(found)[2]] == file
 
 
 def check_url(key: str, url: Any) -> None:

@@ -141,6 +141,51 @@ def test_a_section_written_as_a_value_is_not_silently_remapped(tmp_path, capsys)
     _answers_in_one_line(["plan", str(config)], "'eval' is a section", capsys)
 
 
+@pytest.mark.parametrize("text,named", [
+    ("plan:\n  tau: high\n", "plan.tau: expected float"),
+    ("plan:\n  tau: -1\n", "plan.tau must be >= 0"),
+    ("plan:\n  tau: .nan\n", "plan.tau must be a finite number"),
+    ("plan:\n  active_steps: [99]\n", "plan: active_steps [99] lie outside the grid"),
+    ("method: egrpoo\n", "method 'egrpoo' is not known"),
+    ("sampling:\n  num_steps: 4\nmethod:\n  name: mixgrpo\n", "method.window=4 does not fit mixgrpo"),
+    ("reward:\n  http:\n    url: http://localhost:8OOO\n", "reward.http.url=http://localhost:8OOO: the port"),
+    ("reward:\n  alignmnt: 1.0\n", "reward: unknown reward 'alignmnt'"),
+    ("reward:\n  alignment: [1]\n", "reward.alignment: the weight"),
+])
+def test_a_mistake_in_a_config_file_names_the_file(text, named, tmp_path, capsys):
+    config = tmp_path / "mine.yaml"
+    config.write_text(text)
+    _answers_in_one_line(["plan", str(config)], f"{config}: {named}", capsys)
+
+
+def test_a_config_file_that_is_not_text_names_the_file(tmp_path, capsys):
+    config = tmp_path / "weights.yaml"
+    config.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    _answers_in_one_line(["plan", str(config)], f"{config}: not a YAML config", capsys)
+
+
+def test_a_mistake_on_the_command_line_does_not_blame_the_file(tmp_path, capsys):
+    config = tmp_path / "mine.yaml"
+    config.write_text("sampling:\n  num_steps: 4\n")
+    _answers_in_one_line(["plan", str(config), "method=mixgrpo", "method.window=99"], "method.window=99", capsys)
+    assert str(config) not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line,named", [("  tau: 2.2", "plan.tau: expected float, got 'high'"),
+                                        ("  num_steps: 16", "sampling.num_steps must be >= 2")])
+def test_resuming_a_run_whose_config_yaml_holds_a_bad_value_names_that_file(line, named, tmp_path, capsys):
+    from egrpo import config as cfg
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg.Config().dump(run / "config.yaml")
+    text = (run / "config.yaml").read_text()
+    assert line in text
+    (run / "config.yaml").write_text(text.replace(line, line.split(":")[0] + (": high" if "tau" in line else ": 1")))
+    _answers_in_one_line(["train", "--resume", str(run), "--no-progress"], f"{run / 'config.yaml'}: {named}", capsys)
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # refused before the run was touched
+
+
 def test_a_weights_file_whose_metadata_is_not_json(tmp_path, capsys):
     from safetensors.torch import save_file
 
