@@ -490,6 +490,22 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     return args
 
 
+# What a shell reports for a tool that a closed pipe ended (128 + SIGPIPE), as `seq 1 100000 | head -1` does.
+BROKEN_PIPE_EXIT = 141
+
+
+def _reader_left() -> int:
+    """The reader of stdout closed it (``egrpo plan | head -1``): end quietly, as other command-line tools do.
+    stdout is pointed at /dev/null so that the interpreter's last flush of what is left does not fail again
+    (Python's documented recipe, docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in tests): nothing to redirect
+        pass
+    return BROKEN_PIPE_EXIT
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse(parser, sys.argv[1:] if argv is None else list(argv))
@@ -498,7 +514,11 @@ def main(argv: list[str] | None = None) -> int:
     from egrpo.errors import ConfigError, TrainingStopped
 
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that left early is met here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _reader_left()
     except (ConfigError, CheckpointError, OSError) as exc:
         print(f"egrpo {args.command}: error: {exc}", file=sys.stderr)
         return 2

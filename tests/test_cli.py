@@ -4,12 +4,14 @@ shipped config, and every command line in README.md and docs/ parses."""
 import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from egrpo import config as cfg
-from egrpo.cli import build_parser, main, parse
+from egrpo.cli import BROKEN_PIPE_EXIT, build_parser, main, parse
 from egrpo.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,3 +126,12 @@ def test_counts_must_be_positive(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         parse(build_parser(), argv)
     assert exit_.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    """`egrpo plan | head -1`: no 'error: [Errno 32] Broken pipe', and the shell's status for a closed pipe."""
+    proc = subprocess.Popen([sys.executable, "-m", "egrpo", "plan"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # as head does once it has its line; here before the first, so the write surely fails
+    err = proc.stderr.read().decode()
+    assert (proc.wait(timeout=60), err) == (BROKEN_PIPE_EXIT, "")
