@@ -44,9 +44,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "--resume takes the run's own config.yaml; pass overrides as key=value, not a config file"
             )
         config = cfg.load(str(run_dir / "config.yaml"), args.overrides)
+        cfg.check_paths(config)
         trainer = Trainer(config, run_dir, resume=True, progress=not args.no_progress)
     else:
         config = cfg.load(args.config or "embedded", args.overrides)
+        cfg.check_paths(config)
         trainer = Trainer(config, progress=not args.no_progress)
     try:
         summary = trainer.train()

@@ -54,6 +54,10 @@ class ModelConfig:
     """T5 tokens per prompt in the embedding cache; None = the pipeline's default (FLUX 512, SD3 256)."""
     device: Optional[str] = None
     """Where 'flux' / 'sd3' run ('cuda', 'cuda:1', 'cpu'); None = the first GPU if there is one, else the CPU."""
+    attention_backend: str = "auto"
+    """Scaled-dot-product-attention kernel of 'flux' / 'sd3': 'auto' (on a GPU, the fastest of cudnn, flash,
+    efficient and math whose forward and backward run at the model's attention shape, probed once at start and
+    printed; on the CPU, torch's choice) or one of them by name (egrpo/attention.py)."""
     dtype: str = "bfloat16"
     """Compute dtype of 'flux' / 'sd3' on a GPU, 'bfloat16' (autocast; fp32 master weights) or 'float32';
     on the CPU everything runs in fp32."""
@@ -514,6 +518,31 @@ def check_url(key: str, url: Any) -> None:
     if port is not None and not 1 <= port <= 65535:
         written = parts.netloc.rpartition("]")[2].rpartition(":")[2]
         raise ConfigError(f"{key}={url}: the port {written!r} is not a number in 1..65535; {example}")
+
+
+def check_paths(config: Config) -> None:
+    """The files and folders a training run reads or writes, checked before any weights load: prompt files that
+    exist, a model.checkpoint that exists, an output_dir that is not a file nor under one. Not part of
+    ``validate``: a run's config.yaml still loads (for ``egrpo sample``, ``eval``, ``export``) after its prompt
+    files have moved."""
+    for key, value in (("prompts.train", config.prompts.train), ("prompts.eval", config.prompts.eval)):
+        if value and not Path(value).exists():
+            raise ConfigError(f"{key}: prompt file {value} does not exist")
+        if value and Path(value).is_dir():
+            raise ConfigError(f"{key}: {value} is a folder; give a text file, one prompt a line")
+    checkpoint = config.model.checkpoint
+    if checkpoint and not Path(checkpoint).exists():
+        raise ConfigError(
+            f"model.checkpoint: {checkpoint} does not exist; give a .safetensors file or a run directory of egrpo train"
+        )
+    if config.output_dir:
+        run_dir = Path(config.output_dir)
+        blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise ConfigError(
+                f"output_dir={run_dir}: {blocker} is a file, so the run directory cannot be made there; move the "
+                "file away or pick another output_dir"
+            )
 
 
 def validate(config: Config) -> None:

@@ -206,6 +206,28 @@ def test_an_output_dir_under_a_file(tmp_path, eval_prompt_file, capsys):
                           "train.iterations=1", "--no-progress"], "a_file", capsys)
 
 
+@pytest.mark.parametrize("overrides,named", [
+    (["prompts.train={tmp}/missing.txt"], "prompts.train: prompt file {tmp}/missing.txt does not exist"),
+    (["prompts.eval={tmp}"], "prompts.eval: {tmp} is a folder"),
+    (["model.checkpoint={tmp}/gone.safetensors"], "model.checkpoint: {tmp}/gone.safetensors does not exist"),
+    (["output_dir={tmp}/a_file/run"], "{tmp}/a_file is a file"),
+    (["reward={{http: 1.0}}", "reward.http.url=http://localhost:8OOO"], "port '8OOO' is not a number in 1..65535"),
+    (["method=egrpo-fast", "method.branch_subsample=99"], "method.branch_subsample=99"),
+])
+def test_train_refuses_a_path_url_or_option_mistake_before_any_weights_load(overrides, named, tmp_path, monkeypatch,
+                                                                            capsys):
+    import egrpo.trainer
+
+    def load_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the mistake was refused")
+
+    monkeypatch.setattr(egrpo.trainer, "build_task", load_weights)
+    (tmp_path / "a_file").write_text("")
+    argv = ["train", f"output_dir={tmp_path / 'run'}", *(o.format(tmp=tmp_path) for o in overrides), "--no-progress"]
+    _answers_in_one_line(argv, named.format(tmp=tmp_path), capsys)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("damaged", ["state.json", "metrics.jsonl"])
 def test_a_damaged_run_file_on_resume(damaged, tmp_path, eval_prompt_file, capsys):
     run = tmp_path / "run"
