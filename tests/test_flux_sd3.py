@@ -369,3 +369,18 @@ def test_gpu_smoke_runs_tiny_on_cpu(tmp_path):
     result = json.loads(out.read_text())
     assert result["iterations"] == 2 and result["seconds_per_iteration"] > 0
     assert result["first_ratio_max_dev"] == 0.0
+
+
+def test_a_named_attention_kernel_is_used_and_one_that_cannot_run_is_refused_before_training(
+    pipeline, tmp_path, capsys
+):
+    kind, root = pipeline
+    config = cfg.load(str(root / "config.yaml"), [f"output_dir={tmp_path / 'math'}", "model.attention_backend=math"])
+    trainer = Trainer(config, progress=False)
+    assert trainer.policy.attention_backend == "math"
+    assert trainer.iteration(0)["first_ratio_max_dev"] == 0.0
+    capsys.readouterr()
+    assert main(["train", str(root / "config.yaml"), "model.attention_backend=cudnn", "--no-progress",
+                 f"output_dir={tmp_path / 'cudnn'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.attention_backend=cudnn cannot run at 2 heads x" in err

@@ -46,6 +46,7 @@ class FluxPolicy(PipelinePolicy):
         self._txt_ids = torch.zeros(cache.text_shape[0], 3, device=self.device)
         scale = DEFAULT_GUIDANCE if model.guidance is None else model.guidance
         self._guidance = scale if self.transformer_config.get("guidance_embeds") else None
+        self.choose_attention(rows * cols + cache.text_shape[0])
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, reference: bool = False) -> torch.Tensor:
         net, context = self.network(reference)
@@ -53,7 +54,7 @@ class FluxPolicy(PipelinePolicy):
         guidance = None
         if self._guidance is not None:
             guidance = torch.full((x.shape[0],), self._guidance, device=self.device)
-        with context, self.autocast():
+        with context, self.autocast(), self.attention():
             v = net(
                 hidden_states=x.to(self.device),
                 timestep=sigma.to(self.device, torch.float32),  # FLUX takes sigma and scales it by 1000 itself

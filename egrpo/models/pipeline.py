@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -99,11 +100,6 @@ class PipelinePolicy:
         self.settings = model
         self.device = resolve_device(model.device)
         self.dtype = compute_dtype(model, self.device)
-        if self.device.type == "cuda":
-            # cuDNN's fused attention failed in the backward pass ("mha_graph.execute ... is_good()") on FLUX.1-dev's
-            # 2,537-token sequences (torch 2.11 + CUDA 13, H100, 2026-11-27); the flash and memory-efficient
-            # kernels, which torch picks instead, ran the same iteration.
-            torch.backends.cuda.enable_cudnn_sdp(False)
         self.cache = cache
         self._check_cache(transformer)
         self.vae = vae.to(self.device).eval().requires_grad_(False)
@@ -211,6 +207,27 @@ class PipelinePolicy:
         return torch.cat(images).contiguous()  # the VAE may answer channels-last; safetensors wants contiguous
 
     # ---- helpers of the subclasses --------------------------------------------------------------
+    def choose_attention(self, tokens: int) -> None:
+        """Pick the attention kernel (model.attention_backend) at this model's shape: ``tokens`` image + text tokens
+        of one sample. cuDNN's fused attention failed in the backward pass ("mha_graph.execute ... is_good()") on
+        FLUX.1-dev's 2,537-token sequences once (torch 2.11 + CUDA 13, H100, 2026-11-27) and ran on an H200: 'auto'
+        runs forward and backward at exactly these shapes before choosing, so a kernel that fails here is never used."""
+        from egrpo import attention
+
+        config = self.transformer_config
+        shape = (1, config["num_attention_heads"], tokens, config["attention_head_dim"])
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        self.attention_backend, self.attention_choice = attention.choose(
+            self.settings.attention_backend, shape, self.dtype, self.device, deterministic
+        )
+        if int(os.environ.get("RANK", "0")) == 0 and self.attention_backend is not None:
+            print(self.attention_choice, flush=True)
+
+    def attention(self):
+        from egrpo import attention
+
+        return attention.kernel(self.attention_backend)
+
     def autocast(self):
         if self.device.type == "cuda" and self.dtype != torch.float32:
             return torch.autocast(device_type="cuda", dtype=self.dtype)

@@ -44,6 +44,7 @@ class SD3Policy(PipelinePolicy):
             model.height // self.vae_scale_factor,
             model.width // self.vae_scale_factor,
         )
+        self.choose_attention((model.height // factor) * (model.width // factor) + cache.text_shape[0])
         self.guidance = DEFAULT_GUIDANCE if model.guidance is None else model.guidance
         self._uncond = self.on_device(cache.unconditional()) if self.guidance != 1.0 else None
 
@@ -58,7 +59,7 @@ class SD3Policy(PipelinePolicy):
             text = torch.cat([self._uncond["text"].expand(b, -1, -1), text])
             pooled = torch.cat([self._uncond["pooled"].expand(b, -1), pooled])
             x, timestep = torch.cat([x, x]), torch.cat([timestep, timestep])
-        with context, self.autocast():
+        with context, self.autocast(), self.attention():
             out = net(
                 hidden_states=x,
                 timestep=timestep,
