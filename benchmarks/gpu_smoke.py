@@ -16,6 +16,14 @@ the same network calls alone (no-grad forwards for the rollout, forward + backwa
 iteration / replay is the engine's overhead), and extrapolates the full plan's seconds per network
 call (the reward per decoded image) from the planner's counts. Under 5 minutes on one H100.
 
+Both modes report utilisation (``utilisation`` in the JSON): the transformer's FLOPs per latent, counted by
+torch's FlopCounterMode on the meta device (egrpo/flops.py; the update's forward + backward as trained, LoRA and
+the forward that gradient checkpointing recomputes included), times the latents of the network calls one
+iteration made, over the seconds of those calls replayed alone: achieved TFLOP/s per phase (rollout forwards at
+their real batch sizes, each batch size apart and the largest alone; the update's forward + backward), and as a
+fraction of a square matmul timed in the same run (bf16 8192^3 on a GPU; fp32 512^3 on a CPU, where it only
+exercises the code).
+
     python benchmarks/gpu_smoke.py --out smoke.json                          # mid size, on a GPU
     python benchmarks/gpu_smoke.py --flux-dev-size --out flux_dev.json       # FLUX.1-dev size, on a GPU
     python benchmarks/gpu_smoke.py --device cpu --tiny [--flux-dev-size]     # a tiny model: either path on a CPU
@@ -42,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from egrpo import config as cfg  # noqa: E402
+from egrpo.flops import TransformerFlops, policy_flops  # noqa: E402
 from egrpo.methods import build_method  # noqa: E402
 from egrpo.models.text_cache import write_cache  # noqa: E402
 from egrpo.policy import select  # noqa: E402
@@ -124,8 +133,104 @@ def synchronizer(cuda: bool):
     return torch.cuda.synchronize if cuda else (lambda: None)
 
 
+class CallRecorder:
+    """Wraps ``policy.velocity`` and logs (batch size, with gradient) of each call. It waits for each call's GPU
+    work, so the trainer's phase clocks charge it to the phase that queued it (the launch queue runs ahead)."""
+
+    def __init__(self, policy, sync):
+        self.policy = policy
+        self.inner = policy.velocity
+        self.sync = sync
+        self.calls: list[tuple[int, bool]] = []
+        policy.velocity = self
+
+    def __call__(self, x, sigma, cond, reference=False):
+        out = self.inner(x, sigma, cond, reference=reference)
+        self.sync()
+        self.calls.append((x.shape[0], torch.is_grad_enabled() and not reference))
+        return out
+
+    def stop(self) -> None:
+        """Calls go straight to the policy again."""
+        self.policy.velocity = self.inner
+
+
+def replay(trainer: Trainer, velocity, calls: list[tuple[int, bool]], sync) -> tuple[dict[str, float], list]:
+    """The recorded calls alone on random inputs of the same shapes: rollout calls as no-grad forwards, update
+    calls as forward + backward. Seconds of each part, only the calls on the clock, and (batch, with gradient,
+    seconds) of each call."""
+    policy, cond_all = trainer.policy, trainer.train_cond
+    available = next(iter(cond_all.values())).shape[0]
+    seconds = {"rollout": 0.0, "update": 0.0}
+    timed = []
+    for batch, grad in calls:
+        cond = select(cond_all, torch.arange(batch) % available)
+        x = torch.randn((batch, *policy.latent_shape), device=policy.device)
+        sigma = torch.rand(batch, device=policy.device)
+        trainer.model.train(grad)  # as the trainer: eval in the rollout, train in the update
+        sync()
+        start = time.perf_counter()
+        if grad:
+            velocity(x, sigma, cond).square().mean().backward()
+        else:
+            with torch.no_grad():
+                velocity(x, sigma, cond)
+        sync()
+        elapsed = time.perf_counter() - start
+        seconds["update" if grad else "rollout"] += elapsed
+        timed.append((batch, grad, elapsed))
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return seconds, timed
+
+
+def matmul_rate(device: str, cuda: bool, rounds: int = 5) -> dict:
+    """The best TFLOP/s of ``rounds`` rounds of square matmuls: bf16 8192^3 on a GPU (the rate a transformer's
+    products could reach there), fp32 512^3 on a CPU (there only so the code path runs)."""
+    n, dtype, repeats = (8192, torch.bfloat16, 10) if cuda else (512, torch.float32, 3)
+    sync = synchronizer(cuda)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    for _ in range(3):  # kernel selection, clocks up
+        torch.matmul(a, b, out=out)
+    sync()
+    best = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.matmul(a, b, out=out)
+        sync()
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start))
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "tflops": best / 1e12}
+
+
+def utilisation(flops: TransformerFlops, timed: list[tuple[int, bool, float]], matmul: dict) -> dict:
+    """Achieved TFLOP/s of the replayed calls per phase, and as a fraction of the same run's matmul rate."""
+
+    def phase(rows: list, flop_per_latent: int) -> dict:
+        latents, seconds = sum(r[0] for r in rows), sum(r[2] for r in rows)
+        tflops = latents * flop_per_latent / seconds / 1e12
+        return {"calls": len(rows), "latents": latents, "seconds": seconds, "tflops": tflops,
+                "fraction_of_matmul": tflops / matmul["tflops"]}
+
+    rollout, update = [r for r in timed if not r[1]], [r for r in timed if r[1]]
+    batches = sorted({r[0] for r in rollout})
+    by_batch = {b: phase([r for r in rollout if r[0] == b], flops.forward) for b in batches}
+    return {
+        "matmul": matmul,
+        "tflop_per_latent": {"forward": flops.forward / 1e12, "forward_backward": flops.forward_backward / 1e12},
+        "flops_counted_by": "torch FlopCounterMode on the meta device (egrpo/flops.py)",
+        "gradient_checkpointing": flops.gradient_checkpointing,
+        "lora_rank": flops.lora_rank,
+        "rollout": phase(rollout, flops.forward),
+        "rollout_largest_batch": {"batch": batches[-1], **by_batch[batches[-1]]},
+        "rollout_by_batch": {str(b): by_batch[b] for b in batches},
+        "update": phase(update, flops.forward_backward),
+    }
+
+
 def mid_run(args, size: dict, cuda: bool) -> dict:
-    """Iterations of the plan in full, from a pipeline saved to disk and loaded as a user's would be."""
+    """Iterations of the plan in full, from a pipeline saved to disk and loaded as a user's would be; the network
+    calls of the first (untimed) iteration are replayed alone at the end for the utilisation."""
     iterations = 3 if args.iterations is None else args.iterations
     sync = synchronizer(cuda)
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,12 +246,18 @@ def mid_run(args, size: dict, cuda: bool) -> dict:
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        recorder = CallRecorder(trainer.policy, sync)
         runs = []
         for it in range(iterations):
             runs.append(trainer.iteration(it))
+            if it == 0:
+                recorder.stop()
             sync()
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        _, timed = replay(trainer, recorder.inner, recorder.calls, sync)
+    matmul = matmul_rate(args.device, cuda)
 
-    timed = runs[1:] or runs  # the first iteration pays for kernel selection and allocator growth
+    timed_runs = runs[1:] or runs  # the first iteration pays for kernel selection and allocator growth
     return {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "size": "tiny" if args.tiny else "mid",
@@ -156,59 +267,19 @@ def mid_run(args, size: dict, cuda: bool) -> dict:
         "image_tokens": trainer.policy.latent_shape[0],
         "text_tokens": size["text_tokens"],
         "iterations": iterations,
-        "seconds_per_iteration": statistics.mean(m["seconds"] for m in timed),
+        "seconds_per_iteration": statistics.mean(m["seconds"] for m in timed_runs),
         "seconds_first_iteration": runs[0]["seconds"],
         "seconds_split": {
-            part: statistics.mean(m[f"seconds_{part}"] for m in timed) for part in ("rollout", "reward", "update")
+            part: statistics.mean(m[f"seconds_{part}"] for m in timed_runs) for part in ("rollout", "reward", "update")
         },
         "network_calls_per_iteration": runs[0]["network_calls"],
         "first_ratio_max_dev": runs[0]["first_ratio_max_dev"],
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_memory_gib": peak,
+        "utilisation": utilisation(policy_flops(trainer.policy), timed, matmul),
     }
 
 
 # ---- --flux-dev-size ------------------------------------------------------------------------------
-class CallRecorder:
-    """Wraps ``policy.velocity`` and logs (batch size, with gradient) of each call. It waits for each call's GPU
-    work, so the trainer's phase clocks charge it to the phase that queued it (the launch queue runs ahead)."""
-
-    def __init__(self, policy, sync):
-        self.inner = policy.velocity
-        self.sync = sync
-        self.calls: list[tuple[int, bool]] = []
-        policy.velocity = self
-
-    def __call__(self, x, sigma, cond, reference=False):
-        out = self.inner(x, sigma, cond, reference=reference)
-        self.sync()
-        self.calls.append((x.shape[0], torch.is_grad_enabled() and not reference))
-        return out
-
-
-def replay(trainer: Trainer, velocity, calls: list[tuple[int, bool]], sync) -> dict[str, float]:
-    """The recorded calls alone on random inputs of the same shapes: rollout calls as no-grad forwards, update
-    calls as forward + backward. Seconds of each part, only the calls on the clock."""
-    policy, cond_all = trainer.policy, trainer.train_cond
-    available = next(iter(cond_all.values())).shape[0]
-    seconds = {"rollout": 0.0, "update": 0.0}
-    for batch, grad in calls:
-        cond = select(cond_all, torch.arange(batch) % available)
-        x = torch.randn((batch, *policy.latent_shape), device=policy.device)
-        sigma = torch.rand(batch, device=policy.device)
-        trainer.model.train(grad)  # as the trainer: eval in the rollout, train in the update
-        sync()
-        start = time.perf_counter()
-        if grad:
-            velocity(x, sigma, cond).square().mean().backward()
-        else:
-            with torch.no_grad():
-                velocity(x, sigma, cond)
-        sync()
-        seconds["update" if grad else "rollout"] += time.perf_counter() - start
-    trainer.optimizer.zero_grad(set_to_none=True)
-    return seconds
-
-
 def warm_up(trainer: Trainer) -> None:
     """One forward + backward, one no-grad forward and one decode at batch 1: CUDA context, kernels, allocator."""
     policy = trainer.policy
@@ -266,8 +337,9 @@ def flux_dev_run(args, size: dict, cuda: bool) -> dict:
         recorder = CallRecorder(policy, sync)
         metrics = trainer.iteration(0)
         peak = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30) if cuda else None
-        replayed = replay(trainer, recorder.inner, recorder.calls, sync)
+        replayed, timed = replay(trainer, recorder.inner, recorder.calls, sync)
     finished = time.perf_counter()
+    matmul = matmul_rate(args.device, cuda)
 
     measured, planned = plan_counts(config), plan_counts(full)
     seconds = {part: metrics[f"seconds_{part}"] for part in ("rollout", "reward", "update")}
@@ -309,6 +381,7 @@ def flux_dev_run(args, size: dict, cuda: bool) -> dict:
         "iteration_over_network": metrics["seconds"] / sum(replayed.values()),
         "peak_memory_allocated_gib": peak[0] if peak else None,
         "peak_memory_reserved_gib": peak[1] if peak else None,
+        "utilisation": utilisation(policy_flops(policy), timed, matmul),
     }
 
 

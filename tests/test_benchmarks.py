@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -84,6 +86,15 @@ def test_gpu_smoke_flux_dev_path_extrapolates_a_reduced_plan(tmp_path):
     assert result["iteration_over_network"] > 0 and result["latents_per_second"] > 0
     assert result["seconds_total"] > result["seconds_build"] + result["seconds_warmup"] > 0
     assert result["peak_memory_allocated_gib"] is None  # CPU
+    use = result["utilisation"]  # the measured plan's calls as replayed, against a CPU matmul's rate
+    assert use["matmul"] == {"n": 512, "dtype": "float32", "tflops": use["matmul"]["tflops"]} and use["lora_rank"] == 32
+    for part in ("rollout", "update"):
+        assert use[part]["latents"] == measured["network_calls"][part]  # latents through the network
+        assert use[part]["seconds"] == pytest.approx(measured["network_alone_seconds"][part])
+    for part in ("rollout", "rollout_largest_batch", "update"):
+        assert use[part]["tflops"] > 0
+        assert use[part]["fraction_of_matmul"] == pytest.approx(use[part]["tflops"] / use["matmul"]["tflops"])
+    assert sum(b["latents"] for b in use["rollout_by_batch"].values()) == use["rollout"]["latents"]
 
 
 def test_fsdp_memory_writes_per_rank_peaks_for_every_phase(tmp_path):

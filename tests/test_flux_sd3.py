@@ -369,6 +369,13 @@ def test_gpu_smoke_runs_tiny_on_cpu(tmp_path):
     result = json.loads(out.read_text())
     assert result["iterations"] == 2 and result["seconds_per_iteration"] > 0
     assert result["first_ratio_max_dev"] == 0.0
+    use = result["utilisation"]  # the first iteration's network calls, replayed, against a CPU matmul's rate
+    per_latent = use["tflop_per_latent"]
+    assert use["matmul"]["tflops"] > 0 and per_latent["forward_backward"] > per_latent["forward"] > 0
+    assert use["rollout"]["latents"] + use["update"]["latents"] == result["network_calls_per_iteration"]
+    for part in ("rollout", "rollout_largest_batch", "update"):
+        assert use[part]["tflops"] > 0 and use[part]["fraction_of_matmul"] > 0
+    assert use["rollout_largest_batch"]["batch"] == max(map(int, use["rollout_by_batch"]))
 
 
 def test_a_named_attention_kernel_is_used_and_one_that_cannot_run_is_refused_before_training(
