@@ -176,24 +176,28 @@ class MethodConfig:
     name: str = "egrpo"
     """egrpo, g2rpo, tempflow, flowgrpo, flowgrpo-fast, dancegrpo, mixgrpo or branchgrpo (see egrpo/methods.py)."""
     granularities: list = field(default_factory=lambda: [1])
-    """Branch methods: ODE completion strides after the jump; G2RPO sums the z-scores over {1, 2}."""
+    """Branch methods: ODE completion strides after the jump; G2RPO sums the z-scores over {1, 2}. Each in
+    1..sampling.num_steps, none repeated (each method's ``check`` in egrpo/methods.py gives every option's range)."""
     completion_steps: Optional[int] = None
     """Branch methods: network calls per ODE completion, on a grid placed by sampling.shift between the landing
     sigma and 0 (null = every remaining grid step, at the `granularities` strides)."""
     completion_solver: str = "euler"
     """Branch methods: ODE solver of the completions: euler, heun (2 calls per step) or dpm2m (DPM-Solver++(2M))."""
     branch_subsample: Optional[int] = None
-    """Branch methods: train this many of the planned branch steps per iteration, drawn anew (null = all)."""
+    """Branch methods: train this many of the planned branch steps per iteration, drawn anew (null = all); at most
+    the number of planned steps."""
     subsample_weights: str = "uniform"
     """Branch methods: how `branch_subsample` draws: uniform, or entropy (in proportion to each merged step's H)."""
     window: int = 4
-    """MixGRPO / Flow-GRPO-Fast: consecutive SDE (and trained) steps."""
+    """MixGRPO / Flow-GRPO-Fast: consecutive SDE (and trained) steps. Flow-GRPO-Fast: 1..T/2 (drawn inside the first
+    half); MixGRPO: a window that never reaches past the grid's end nor covers every step."""
     window_shift_every: int = 0
     """MixGRPO: iterations between window moves (0 = iterations / (T/2), so the window sweeps the first half once)."""
     train_fraction: float = 0.6
-    """DanceGRPO: fraction of the steps trained each iteration, drawn at random."""
+    """DanceGRPO: fraction of the steps trained each iteration, drawn at random (at least one step's worth)."""
     split_steps: Optional[list] = None
-    """BranchGRPO: split steps (None = the authors' 0, 3, 6, 9 of 20 rescaled to num_steps)."""
+    """BranchGRPO: distinct split steps (None = the authors' 0, 3, 6, 9 of 20 rescaled to num_steps, which needs
+    4 steps or more)."""
     branch_factor: int = 2
     """BranchGRPO: children per node at each split."""
     branch_noise_scale: float = 4.0
