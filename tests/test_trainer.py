@@ -88,7 +88,8 @@ def test_resume_needs_a_run_directory(tmp_path, tiny_overrides):
 
 
 def test_a_new_run_refuses_to_overwrite_an_old_one(tmp_path, tiny_overrides):
-    Trainer(_config(tmp_path, tiny_overrides), progress=False)
+    """Once an iteration was logged; a start that failed before that is taken over (tests/test_reliability.py)."""
+    Trainer(_config(tmp_path, tiny_overrides, iterations=1), progress=False).train()
     with pytest.raises(cfg.ConfigError, match="already holds a run"):
         Trainer(_config(tmp_path, tiny_overrides), progress=False)
 
