@@ -1,4 +1,5 @@
-"""``egrpo eval``: held-out evaluation of checkpoints with fixed per-prompt seeds, as JSON and a markdown table.
+"""Held-out evaluation: the trainer's (``Evaluation``, every ``eval.every`` iterations) and ``egrpo eval``'s
+(checkpoints side by side, as JSON and a markdown table), from the same fixed prompts and per-sample noises.
 
 Every checkpoint sees the same prompts and the same initial noises (seeded per prompt and sample,
 as the trainer's evaluation), so rows of the table differ only by the weights. The embedded task
@@ -9,7 +10,7 @@ adds two sample statistics: the Fréchet distance between generated and real dig
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -18,13 +19,39 @@ import torch
 
 from egrpo import config as cfg
 from egrpo.planner import make_plan
-from egrpo.policy import select
+from egrpo.policy import Cond, select
 from egrpo.rewards import WeightedReward
 from egrpo.rollout import network_batch, sample_images
 from egrpo.tasks import Task, build_task
-from egrpo.trainer import make_evaluation
 
 BASE = "base"  # names the task's shipped base model instead of a checkpoint
+
+
+@dataclass
+class Evaluation:
+    """Fixed held-out prompts and noises, so base and trained models see exactly the same inputs.
+
+    Samples are dealt out to ranks in turn: this rank holds samples ``rows`` of ``prompts`` (all of them in
+    one process) and only their noises and embeddings."""
+
+    prompts: list[str]
+    rows: list[int]
+    noise: torch.Tensor
+    cond: Cond = field(repr=False, default=None)
+
+
+def make_evaluation(task: Task, config: cfg.Config, rank: int = 0, world_size: int = 1) -> Evaluation:
+    seeds = config.eval.seeds_per_prompt
+    prompts = [p for p in task.eval_prompts for _ in range(seeds)]
+    rows = list(range(rank, len(prompts), world_size))
+    noise = [
+        torch.randn(task.policy.latent_shape, generator=torch.Generator().manual_seed(config.eval.seed + 7919 * j + s))
+        for j in range(len(task.eval_prompts))
+        for s in range(seeds)
+    ]
+    noise = torch.stack([noise[r] for r in rows]) if rows else torch.empty(0, *task.policy.latent_shape)
+    cond = task.policy.encode([prompts[r] for r in rows]) if rows else None
+    return Evaluation(prompts=prompts, rows=rows, noise=noise.to(task.policy.device), cond=cond)
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -23,7 +23,7 @@ import torch
 
 from egrpo import config as cfg
 from egrpo.planner import make_plan, resolve_active_steps
-from egrpo.report import plt, show_image
+from egrpo.report import plt, show_image, wrapped
 from egrpo.stepmath import step_entropy, time_grid
 
 
@@ -374,7 +374,7 @@ def grid(
             _hide_axes(ax)
             ax.set_xlabel(f"{scores[r]:.2f}", fontsize=6, labelpad=1)
     for r in range(n):
-        axes[r][0].set_ylabel(prompts[r][:30], rotation=0, ha="right", va="center", fontsize=6)
+        axes[r][0].set_ylabel(wrapped(prompts[r]), rotation=0, ha="right", va="center", fontsize=6)
     terms = " + ".join(f"{w:g} {name}" for name, w in reward.weights.items() if w)
     fig.suptitle(f"same prompt and seed per row; below each image its reward ({terms})", fontsize=7)
     fig.tight_layout()
@@ -444,7 +444,7 @@ def failures(
             show_image(ax, images[i])
             _hide_axes(ax)
             ax.set_xlabel(f"{reward} {float(rv[i]):.2f}\n{check} {float(cv[i]):.2f}", fontsize=6, labelpad=1)
-        axes[0][c].set_title(case["prompt"][:22], fontsize=6)
+        axes[0][c].set_title(wrapped(case["prompt"], 22), fontsize=6)
     if not shown:
         _hide_axes(axes[0][0])
         _hide_axes(axes[1][0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +14,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from egrpo.planner import RolloutPlan  # noqa: E402
+
+
+def wrapped(label: str, width: int = 24) -> str:
+    """A label whole, over as many lines of about ``width`` characters as it needs: a figure's row or column
+    label that is cut ("a photo of a hand-drawn thre") no longer says which prompt the row is."""
+    return textwrap.fill(label, width, break_long_words=False, break_on_hyphens=False)
 
 
 def show_image(ax, image: torch.Tensor) -> None:
@@ -81,7 +88,7 @@ def plot_sample_grid(
         for s in range(seeds):
             for col, images in ((s, base), (seeds + 1 + s, trained)):
                 show_image(axes[r][col], images[r * seeds + s])
-        axes[r][0].set_ylabel(prompts[r * seeds][:28], rotation=0, ha="right", va="center", fontsize=6)
+        axes[r][0].set_ylabel(wrapped(prompts[r * seeds]), rotation=0, ha="right", va="center", fontsize=6)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

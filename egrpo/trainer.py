@@ -18,7 +18,6 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from egrpo.config import Config, reward_specs
 from egrpo.determinism import make_deterministic
 from egrpo.distributed import World
 from egrpo.errors import ConfigError, TrainingStopped
+from egrpo.evaluation import make_evaluation
 from egrpo.grpo import grouped_std, kl_to_reference, per_reward_advantages, ppo_clip_loss, transition_advantages
 from egrpo.methods import Method, build_method
 from egrpo.planner import RolloutPlan
@@ -45,33 +45,6 @@ from egrpo.tracking import MetricsLog, check_available
 def iteration_generator(seed: int, iteration: int, slot: int = -1) -> torch.Generator:
     """The iteration's shared generator (slot -1), or prompt slot ``slot``'s own noise generator."""
     return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 4099 + slot + 1)
-
-
-@dataclass
-class Evaluation:
-    """Fixed held-out prompts and noises, so base and trained models see exactly the same inputs.
-
-    Samples are dealt out to ranks in turn: this rank holds samples ``rows`` of ``prompts`` (all of them in
-    one process) and only their noises and embeddings."""
-
-    prompts: list[str]
-    rows: list[int]
-    noise: torch.Tensor
-    cond: Cond = field(repr=False, default=None)
-
-
-def make_evaluation(task: Task, config: Config, rank: int = 0, world_size: int = 1) -> Evaluation:
-    seeds = config.eval.seeds_per_prompt
-    prompts = [p for p in task.eval_prompts for _ in range(seeds)]
-    rows = list(range(rank, len(prompts), world_size))
-    noise = [
-        torch.randn(task.policy.latent_shape, generator=torch.Generator().manual_seed(config.eval.seed + 7919 * j + s))
-        for j in range(len(task.eval_prompts))
-        for s in range(seeds)
-    ]
-    noise = torch.stack([noise[r] for r in rows]) if rows else torch.empty(0, *task.policy.latent_shape)
-    cond = task.policy.encode([prompts[r] for r in rows]) if rows else None
-    return Evaluation(prompts=prompts, rows=rows, noise=noise.to(task.policy.device), cond=cond)
 
 
 class Diverged(TrainingStopped):

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from egrpo import config as cfg
 from egrpo.cli import main
@@ -121,3 +122,17 @@ def test_pairs_compare_only_when_prompts_seeds_and_shapes_agree():
     assert not same_samples(a, gen(["digit: one", "digit: one"]))
     assert not same_samples(a, gen(["digit: one", "digit: two"], seed=7))
     assert not same_samples(a, gen(["digit: one", "digit: two"], size=16))
+
+
+def test_row_labels_show_every_prompt_whole(tmp_path, monkeypatch):
+    """samples.png cut its labels to 28 characters ('a photo of a hand-drawn thre'): three rows said the same."""
+    from egrpo import report
+
+    drawn = []
+    monkeypatch.setattr(report.plt, "close", drawn.append)
+    prompts = [f"a photo of a hand-drawn {word}" for word in ("three", "seven", "eight")]
+    images = torch.rand(3, 1, 8, 8)
+    report.plot_sample_grid(images, images, prompts, 1, tmp_path / "samples.png")
+    labels = [ax.get_ylabel() for ax in drawn[0].axes if ax.get_ylabel()]
+    assert [" ".join(label.split()) for label in labels] == prompts
+    assert all(len(line) <= 24 for label in labels for line in label.splitlines())
