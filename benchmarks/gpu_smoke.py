@@ -14,7 +14,7 @@ prompt. A full iteration of the paper's plan pushes 1,020 latents through the ne
 times ONE iteration of a reduced plan (the first 2 steps branch) after a one-call warm-up, replays
 the same network calls alone (no-grad forwards for the rollout, forward + backward for the update;
 iteration / replay is the engine's overhead), and extrapolates the full plan's seconds per network
-call (the reward per decoded image) from the planner's counts. Under 5 minutes on one H100.
+call (the reward per decoded image) from the planner's counts. Under 5 minutes on one H100, before the peer below.
 
 Both modes report utilisation (``utilisation`` in the JSON): the transformer's FLOPs per latent, counted by
 torch's FlopCounterMode on the meta device (egrpo/flops.py; the update's forward + backward as trained, LoRA and
@@ -23,6 +23,16 @@ iteration made, over the seconds of those calls replayed alone: achieved TFLOP/s
 their real batch sizes, each batch size apart and the largest alone; the update's forward + backward), and as a
 fraction of a square matmul timed in the same run (bf16 8192^3 on a GPU; fp32 512^3 on a CPU, where it only
 exercises the code).
+
+Both modes also time a peer side by side (``peer`` in the JSON): on the trained transformer (eval mode, no gradients),
+at the run's resolution and T, the largest batch of the rollout's network calls and the same initial noise, egrpo's
+deterministic sampler (``integrate_ode`` over ``chunked_velocity``, as ``sample_images`` runs it before the decode)
+against diffusers' own FluxPipeline denoising loop (prompt embeddings passed in, ``output_type='latent'``, its
+scheduler on egrpo's grid, the guidance egrpo's FLUX policy uses: model.guidance, 3.5 unset); seconds per latent
+forward of each, the ratio egrpo / diffusers (at most 1.00: egrpo's loop costs nothing over diffusers'), and the
+largest difference of the two final latents. Each repeat runs both loops once; at FLUX.1-dev size one loop is
+16 x 24 latent forwards, about 40 s at the 0.11 s measured on an H200, so the default 3 repeats add about 4 minutes
+there (--peer-repeats 1: under 2).
 
     python benchmarks/gpu_smoke.py --out smoke.json                          # mid size, on a GPU
     python benchmarks/gpu_smoke.py --flux-dev-size --out flux_dev.json       # FLUX.1-dev size, on a GPU
@@ -52,8 +62,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from egrpo import config as cfg  # noqa: E402
 from egrpo.flops import TransformerFlops, policy_flops  # noqa: E402
 from egrpo.methods import build_method  # noqa: E402
+from egrpo.models.flux import DEFAULT_GUIDANCE  # noqa: E402
 from egrpo.models.text_cache import write_cache  # noqa: E402
 from egrpo.policy import select  # noqa: E402
+from egrpo.rollout import chunked_velocity, integrate_ode  # noqa: E402
+from egrpo.stepmath import time_grid  # noqa: E402
 from egrpo.trainer import Trainer  # noqa: E402
 
 MID = dict(
@@ -228,6 +241,99 @@ def utilisation(flops: TransformerFlops, timed: list[tuple[int, bool, float]], m
     }
 
 
+# ---- the peer: diffusers' own FluxPipeline loop on the same transformer -------------------------------------
+def flux_pipeline(trainer: Trainer):
+    """A FluxPipeline around the trainer's own transformer (its LoRA adapters included) and VAE, without text
+    encoders, whose FlowMatchEulerDiscreteScheduler shifts by egrpo's static ``sampling.shift`` (no resolution-
+    dependent shift), so the pipeline's default grid of T steps is egrpo's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    policy = trainer.policy
+    transformer = trainer.model.get_base_model() if policy.lora else trainer.model
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=trainer.config.sampling.shift, use_dynamic_shifting=False)
+    pipe = FluxPipeline(scheduler=scheduler, vae=policy.vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def largest_rollout_batch(calls: list[tuple[int, bool]]) -> int:
+    return max(batch for batch, grad in calls if not grad)
+
+
+def peer(trainer: Trainer, batch: int, sync, repeats: int) -> dict:
+    """egrpo's deterministic sampler (``sample_images`` without the decode: ``integrate_ode`` over
+    ``chunked_velocity``) against diffusers' FluxPipeline denoising loop (``output_type='latent'``: no decode), on
+    the same transformer in eval mode without gradients, the same ``batch`` of initial noises and prompts, T steps
+    on the same grid, the same guidance, autocast and attention kernel. Each is warmed up once by a 2-step run of
+    the same batch, then the two alternate ``repeats`` times; each median over its T x ``batch`` latent forwards.
+
+    egrpo keeps the prompts' embeddings on the CPU and moves each call's rows (as in training); the pipeline gets
+    them on the device, as a diffusers user holds them. The final latents are compared in FLUX's packed layout,
+    which both loops integrate in. With fp32 compute they agree to float rounding; under bf16 autocast diffusers'
+    scheduler casts each step's latents back to the network output's dtype, and its timesteps with them, where egrpo
+    keeps fp32 latents, so they differ by more (``tolerance`` there is a guess, not yet checked on a GPU)."""
+    policy, plan, model = trainer.policy, trainer.plan, trainer.config.model
+    available = next(iter(trainer.train_cond.values())).shape[0]
+    cond = select(trainer.train_cond, torch.arange(batch) % available)
+    embeddings = policy.on_device(cond)
+    noise = torch.randn((batch, *policy.latent_shape), generator=torch.Generator().manual_seed(0)).to(policy.device)
+    pipe = flux_pipeline(trainer)
+    velocity = chunked_velocity(policy, trainer.max_batch)
+    guidance = DEFAULT_GUIDANCE if model.guidance is None else model.guidance
+    warm = min(2, plan.num_steps)
+
+    def egrpo(sigmas: torch.Tensor) -> torch.Tensor:
+        return integrate_ode(velocity, noise, cond, sigmas)[0]
+
+    def diffusers(steps: int) -> torch.Tensor:
+        with policy.autocast(), policy.attention():
+            return pipe(prompt_embeds=embeddings["text"], pooled_prompt_embeds=embeddings["pooled"], latents=noise,
+                        height=model.height, width=model.width, num_inference_steps=steps, guidance_scale=guidance,
+                        output_type="latent", return_dict=False)[0]
+
+    def clocked(run, *args) -> tuple[float, torch.Tensor]:
+        sync()
+        start = time.perf_counter()
+        out = run(*args)
+        sync()
+        return time.perf_counter() - start, out
+
+    trainer.model.eval()
+    with torch.no_grad():
+        egrpo(time_grid(warm, plan.shift))
+        diffusers(warm)
+        seconds = {"egrpo": [], "diffusers": []}
+        for _ in range(repeats):
+            elapsed, ours = clocked(egrpo, plan.sigmas)
+            seconds["egrpo"].append(elapsed)
+            elapsed, theirs = clocked(diffusers, plan.num_steps)
+            seconds["diffusers"].append(elapsed)
+    latents = batch * plan.num_steps
+    per_latent = {name: statistics.median(s) / latents for name, s in seconds.items()}
+    difference = (ours.float() - theirs.float()).abs().max().item()
+    scale = ours.abs().max().item()
+    tolerance = (1e-4 if policy.dtype == torch.float32 else 2**-5) * max(scale, 1.0)
+    return {
+        "batch": batch,
+        "batch_is": "the largest batch of the rollout's network calls (train.max_batch where a grid step has as many)",
+        "num_steps": plan.num_steps,
+        "guidance": guidance,
+        "compute_dtype": str(policy.dtype).removeprefix("torch."),
+        "repeats": repeats,
+        "seconds": seconds,
+        "seconds_per_latent_forward": per_latent,
+        "ratio": per_latent["egrpo"] / per_latent["diffusers"],
+        "ratio_is": "egrpo / diffusers seconds per latent forward (at most 1: egrpo's loop adds nothing)",
+        "grid_max_abs_diff": (pipe.scheduler.sigmas.cpu().double() - plan.sigmas).abs().max().item(),
+        "latents_max_abs_diff": difference,
+        "latents_max_abs": scale,
+        "tolerance": tolerance,
+        "tolerance_is": "1e-4 x max |latent| in fp32 compute; 2^-5 x under bf16 autocast (a guess, unchecked on a GPU)",
+        "latents_agree": difference <= tolerance,
+    }
+
+
 def mid_run(args, size: dict, cuda: bool) -> dict:
     """Iterations of the plan in full, from a pipeline saved to disk and loaded as a user's would be; the network
     calls of the first (untimed) iteration are replayed alone at the end for the utilisation."""
@@ -255,6 +361,7 @@ def mid_run(args, size: dict, cuda: bool) -> dict:
             sync()
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         _, timed = replay(trainer, recorder.inner, recorder.calls, sync)
+        side_by_side = peer(trainer, largest_rollout_batch(recorder.calls), sync, args.peer_repeats)
     matmul = matmul_rate(args.device, cuda)
 
     timed_runs = runs[1:] or runs  # the first iteration pays for kernel selection and allocator growth
@@ -276,6 +383,7 @@ def mid_run(args, size: dict, cuda: bool) -> dict:
         "first_ratio_max_dev": runs[0]["first_ratio_max_dev"],
         "peak_memory_gib": peak,
         "utilisation": utilisation(policy_flops(trainer.policy), timed, matmul),
+        "peer": side_by_side,
     }
 
 
@@ -336,8 +444,10 @@ def flux_dev_run(args, size: dict, cuda: bool) -> dict:
             torch.cuda.reset_peak_memory_stats()
         recorder = CallRecorder(policy, sync)
         metrics = trainer.iteration(0)
+        recorder.stop()
         peak = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30) if cuda else None
         replayed, timed = replay(trainer, recorder.inner, recorder.calls, sync)
+        side_by_side = peer(trainer, largest_rollout_batch(recorder.calls), sync, args.peer_repeats)
     finished = time.perf_counter()
     matmul = matmul_rate(args.device, cuda)
 
@@ -382,6 +492,7 @@ def flux_dev_run(args, size: dict, cuda: bool) -> dict:
         "peak_memory_allocated_gib": peak[0] if peak else None,
         "peak_memory_reserved_gib": peak[1] if peak else None,
         "utilisation": utilisation(policy_flops(policy), timed, matmul),
+        "peer": side_by_side,
     }
 
 
@@ -395,8 +506,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="E-GRPO iterations of the mid size (default 3; the first is a warm-up)")
     parser.add_argument("--lora-rank", type=int,
                         help="LoRA rank (default 0, full fine-tuning; 32 with --flux-dev-size)")
+    parser.add_argument("--peer-repeats", type=int, default=3,
+                        help="timed runs of each sampler in the side by side with diffusers' FluxPipeline (default 3)")
     parser.add_argument("--out", help="also write the JSON result here")
     args = parser.parse_args(argv)
+    if args.peer_repeats < 1:
+        parser.error(f"--peer-repeats must be >= 1, got {args.peer_repeats}")
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         parser.error("no CUDA device; use --device cpu --tiny")

@@ -95,6 +95,10 @@ def test_gpu_smoke_flux_dev_path_extrapolates_a_reduced_plan(tmp_path):
         assert use[part]["tflops"] > 0
         assert use[part]["fraction_of_matmul"] == pytest.approx(use[part]["tflops"] / use["matmul"]["tflops"])
     assert sum(b["latents"] for b in use["rollout_by_batch"].values()) == use["rollout"]["latents"]
+    peer = result["peer"]  # under LoRA the pipeline gets the transformer out of peft's wrapper, adapters in place
+    assert peer["batch"] == use["rollout_largest_batch"]["batch"]
+    assert min(peer["seconds_per_latent_forward"].values()) > 0
+    assert peer["latents_agree"] and peer["latents_max_abs_diff"] <= 1e-4 * peer["latents_max_abs"]
 
 
 def test_fsdp_memory_writes_per_rank_peaks_for_every_phase(tmp_path):

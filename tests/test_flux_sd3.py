@@ -376,6 +376,14 @@ def test_gpu_smoke_runs_tiny_on_cpu(tmp_path):
     for part in ("rollout", "rollout_largest_batch", "update"):
         assert use[part]["tflops"] > 0 and use[part]["fraction_of_matmul"] > 0
     assert use["rollout_largest_batch"]["batch"] == max(map(int, use["rollout_by_batch"]))
+    # egrpo's sampler beside diffusers' FluxPipeline loop: same transformer, noise, prompts and grid, fp32 on a CPU
+    peer = result["peer"]
+    assert peer["batch"] == use["rollout_largest_batch"]["batch"] and peer["num_steps"] == 4
+    assert peer["repeats"] == 3 and all(t > 0 for times in peer["seconds"].values() for t in times)
+    per_latent = peer["seconds_per_latent_forward"]
+    assert peer["ratio"] == pytest.approx(per_latent["egrpo"] / per_latent["diffusers"]) and peer["ratio"] > 0
+    assert peer["grid_max_abs_diff"] < 1e-6  # the scheduler's static shift places egrpo's grid
+    assert peer["latents_agree"] and peer["latents_max_abs_diff"] <= 1e-4 * peer["latents_max_abs"]
 
 
 def test_a_named_attention_kernel_is_used_and_one_that_cannot_run_is_refused_before_training(
