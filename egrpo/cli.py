@@ -185,7 +185,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from egrpo.evaluation import markdown_table
 
     print(markdown_table(rows), end="")
-    print(f"wrote {Path(args.out) / 'eval.json'} and {Path(args.out) / 'eval.md'}")
+    written = [Path(args.out) / name for name in ("eval.json", "eval.md", "eval_per_prompt.md")]
+    print("wrote " + ", ".join(str(path) for path in written if path.exists()))
     return 0
 
 

@@ -169,6 +169,10 @@ class EvalConfig:
     """Seed of the held-out initial noises (the same for every checkpoint compared)."""
     every: int = 0
     """Also evaluate every N iterations during training (0 = only base and final)."""
+    diversity_encoder: str = "auto"
+    """Image encoder of ``egrpo eval``'s embedding diversity and Vendi score (egrpo/diversity.py): 'auto' (the
+    embedded task's judge classifier; on real models the first configured clip, pickscore or hps reward's image
+    tower, none without one), one of those rewards by name, or 'none'."""
 
 
 @dataclass

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from egrpo import config as cfg
+from egrpo.diversity import encoder as diversity_encoder
+from egrpo.diversity import measure
 from egrpo.planner import make_plan
 from egrpo.policy import Cond, select
 from egrpo.rewards import WeightedReward
@@ -157,6 +159,13 @@ def evaluate(
         metrics.update(gen.task.metrics(images, gen.prompts))
     metrics["reward"] = total.mean().item()
     metrics["diversity"] = diversity(images, config.eval.seeds_per_prompt)
+    chosen = diversity_encoder(config.eval.diversity_encoder, cache[key].components, config.model.kind)
+    if chosen is not None:
+        name, encode = chosen
+        overall, per_prompt = measure(encode(images), gen.prompts, config.eval.seeds_per_prompt)
+        metrics.update(overall)
+        metrics["per_prompt"] = per_prompt
+        metrics["diversity_encoder"] = name
     if config.model.kind == "embedded":
         from egrpo.embedded.digits import load_digits
 
@@ -166,7 +175,7 @@ def evaluate(
 
 def markdown_table(rows: dict[str, dict[str, float]]) -> str:
     """One row per checkpoint, one column per metric (the paper's Table 1 layout)."""
-    columns = list(dict.fromkeys(k for metrics in rows.values() for k in metrics))
+    columns = list(dict.fromkeys(k for metrics in rows.values() for k, v in metrics.items() if _is_number(v)))
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, metrics in rows.items():
         cells = [f"{metrics[c]:.3f}" if c in metrics else "-" for c in columns]
@@ -188,4 +197,30 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(rows, indent=2))
     (out / "eval.md").write_text(markdown_table(rows))
+    per_prompt = per_prompt_table(rows)
+    if per_prompt:
+        (out / "eval_per_prompt.md").write_text(per_prompt)
     return rows
+
+
+def per_prompt_table(rows: dict[str, dict]) -> str:
+    """Embedding diversity and Vendi score per held-out prompt, a column pair per checkpoint ('' without them)."""
+    labels = [label for label, metrics in rows.items() if "per_prompt" in metrics]
+    if not labels:
+        return ""
+    encoder_names = sorted({rows[label]["diversity_encoder"] for label in labels})
+    prompts = list(rows[labels[0]]["per_prompt"])
+    header = "| prompt | " + " | ".join(f"{label}: diversity | {label}: Vendi" for label in labels) + " |"
+    lines = [f"Per prompt, in the image features of {', '.join(encoder_names)}:", "", header,
+             "|---" * (2 * len(labels) + 1) + "|"]
+    for prompt in prompts:
+        cells = []
+        for label in labels:
+            values = rows[label]["per_prompt"].get(prompt, {})
+            cells += [f"{values[k]:.3f}" if k in values else "-" for k in ("embedding_diversity", "vendi")]
+        lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

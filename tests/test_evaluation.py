@@ -39,6 +39,13 @@ def test_cli_eval_of_the_base_model_writes_json_and_table(tmp_path, eval_prompt_
     assert set(rows["base"]) >= {"alignment", "accuracy", "judge_accuracy", "quality", "diversity", "frechet_distance"}
     assert 0.0 <= rows["base"]["alignment"] <= 1.0
     assert "| base |" in (out / "eval.md").read_text()
+    # embedding diversity and Vendi in the judge's features, overall and for each prompt (2 prompts x 3 seeds)
+    base = rows["base"]
+    assert base["diversity_encoder"] == "judge" and 0 < base["embedding_diversity"] < 2 and 1 <= base["vendi"] <= 3
+    assert list(base["per_prompt"]) == ["a photo of a hand-drawn three", "digit: seven"]
+    means = [sum(p[k] for p in base["per_prompt"].values()) / 2 for k in ("embedding_diversity", "vendi")]
+    assert means == pytest.approx([base["embedding_diversity"], base["vendi"]])
+    assert "| digit: seven |" in (out / "eval_per_prompt.md").read_text()
     # Fixed seeds: a second evaluation gives the same numbers.
     args = ["eval", "base", "--prompts", str(eval_prompt_file), "--seeds", "3", "--out", str(tmp_path / "again")]
     assert main(args) == 0

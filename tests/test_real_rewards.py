@@ -450,3 +450,15 @@ def test_clip_and_pickscore_crop_where_transformers_processor_crops(height, widt
     assert (floor - reference).abs().max() < 1e-6
     assert (rounded - reference).abs().mean() > 0.3
     assert ClipScoreReward.floor_crop and PickScoreReward.floor_crop and not HPSReward.floor_crop
+
+
+def test_clip_image_features_are_the_normalised_features_the_score_uses(clip_folder):
+    """What egrpo eval's embedding diversity reads: the score is their dot product with the text features."""
+    path, _, _ = clip_folder
+    reward = build("clip", checkpoint=str(path), device="cpu")
+    images = _images(len(PROMPTS))
+    features = reward.image_features(images)
+    assert features.shape[0] == len(PROMPTS)
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(len(PROMPTS)))
+    text = reward._text_features(list(PROMPTS))
+    torch.testing.assert_close((features * text).sum(-1), reward(images, PROMPTS), atol=1e-6, rtol=1e-6)

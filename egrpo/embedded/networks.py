@@ -30,6 +30,10 @@ class DigitClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images * 2.0 - 1.0)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer (64 wide): the image embedding the embedded task's diversity measures use."""
+        return self.net[:-1](images * 2.0 - 1.0)
+
 
 class DigitDensity(nn.Module):
     """Full-covariance Gaussian mixture over the 64 pixels, scored in torch (parameters from scikit-learn)."""

@@ -192,6 +192,15 @@ class ClipFamilyReward:
         return F.normalize(self.model.visual_projection(out.pooler_output).float(), dim=-1)
 
     @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings (B, D), fp32 on the CPU, computed as the score computes them: what the
+        diversity measures of ``egrpo eval`` read."""
+        images = as_rgb(images, [""] * images.shape[0])
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast and self.device.type == "cuda"):
+            features = [self._image_features(chunk) for chunk in images.split(self.batch_size)]
+        return torch.cat(features).float().cpu()
+
+    @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         images = as_rgb(images, prompts)
         # a GRPO batch repeats each prompt once per sample: encode each distinct prompt once
