@@ -169,6 +169,15 @@ class EvalConfig:
     """Seed of the held-out initial noises (the same for every checkpoint compared)."""
     every: int = 0
     """Also evaluate every N iterations during training (0 = only base and final)."""
+    check: dict = field(default_factory=dict)
+    """The hacking watch: rewards scored at every evaluation and never trained on, as the reward section names
+    them without weights, e.g. {alignment: {}} or {clip: {checkpoint: PATH}}. Logged as eval/check_NAME."""
+    hack_margin: float = 0.1
+    """The watch calls it reward hacking when the trained reward rose above the base model's while a check fell by
+    more than this fraction of its base value; it logs a line and writes the evaluation's samples to
+    RUN/hacking/. The evaluation with the highest reward and no check fallen is kept as RUN/best/."""
+    stop_on_hack: bool = False
+    """Stop the run (exit code 1) when the watch sees reward hacking; RUN/best/ holds the best weights before it."""
     diversity_encoder: str = "auto"
     """Image encoder of ``egrpo eval``'s embedding diversity and Vendi score (egrpo/diversity.py): 'auto' (the
     embedded task's judge classifier; on real models the first configured clip, pickscore or hps reward's image
@@ -596,6 +605,10 @@ def validate(config: Config) -> None:
         ),
         (config.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
         (config.eval.seeds_per_prompt >= 1, "eval.seeds_per_prompt must be >= 1"),
+        (config.eval.hack_margin > 0, f"eval.hack_margin must be > 0 (a fraction of a check's base value), got "
+                                      f"{config.eval.hack_margin}"),
+        (all(o is None or isinstance(o, dict) for o in config.eval.check.values()),
+         "eval.check maps reward names to their options, e.g. {clip: {checkpoint: PATH}} or {alignment: {}}"),
         (config.eval.every >= 0, "eval.every must be >= 0"),
         (config.logging.wandb_mode in WANDB_MODES,
          f"logging.wandb_mode must be 'online' or 'offline', got {config.logging.wandb_mode!r}"),
@@ -634,7 +647,7 @@ def validate(config: Config) -> None:
     for name, (weight, _) in reward_specs(config).items():
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
             raise ConfigError(f"reward.{name}: the weight must be a finite number, got {weight!r}")
-    unknown = [n for n in config.reward if reward_factory(n) is None]
+    unknown = [n for n in [*config.reward, *config.eval.check] if reward_factory(n) is None]
     if unknown:
         raise ConfigError(
             f"reward: unknown reward {unknown[0]!r}; available: {', '.join(available())}, or http-LABEL for "

@@ -124,6 +124,9 @@ class Trainer:
         self.method = build_method(config)
         self.plan: RolloutPlan = self.method.plan
         self.reward = WeightedReward(reward_specs(config))
+        checks = config.eval.check
+        self.check_reward = WeightedReward({n: (1.0, dict(o or {})) for n, o in checks.items()}) if checks else None
+        self._best_reward = -math.inf  # the watch's best evaluation so far, kept in RUN/best/
         self.run_dir = Path(self.world.broadcast(str(chosen_dir)))
         needed = config.train.prompts_per_iteration * self.world.size
         if needed > len(self.task.train_prompts):
@@ -229,6 +232,9 @@ class Trainer:
             self.optimizer.load_state_dict(optimizer_state)
         self.start_iteration = state["iteration"]
         self._base_norm = state.get("base_weight_norm")
+        best = self.run_dir / "best" / "best.json"
+        if best.is_file():  # the watch's best evaluation so far: a resumed run keeps it unless it does better
+            self._best_reward = ckpt.read_json(best, "hacking watch's best evaluation")["reward"]
         if self.world.is_main:
             metrics = self.run_dir / "metrics.jsonl"
             lines = metrics.read_text().splitlines()
@@ -431,6 +437,9 @@ class Trainer:
             else:
                 metrics = {name: values.mean().item() for name, values in parts.items()}
             metrics["reward"] = total.mean().item()
+            if self.check_reward is not None:
+                _, checks = self.check_reward.score(images, prompts)
+                metrics.update({f"check_{name}": values.mean().item() for name, values in checks.items()})
         shares = self.world.gather((len(ev.rows), metrics, images))
         combined = None
         if self.world.is_main:
@@ -496,6 +505,8 @@ class Trainer:
                 if main:
                     self._log.iteration(metrics, eval_images)
                 self._stop_if_diverged(it, metrics)
+                if "eval" in metrics:
+                    self._watch(it, base, metrics["eval"], eval_images)
                 done = it + 1
                 self._stop_requested = self.world.any(self._stop_requested)
                 if done % cfg.checkpoint_every == 0 or done == cfg.train.iterations or self._stop_requested:
@@ -513,6 +524,7 @@ class Trainer:
 
         final, final_images = self.evaluate()
         self._stop_if_diverged(cfg.train.iterations - 1, {"eval": final})
+        self._watch(cfg.train.iterations - 1, base, final, final_images)
         checksum, checksums = self.world.checksums(self.model)
         summary = {
             "base": base,
@@ -545,6 +557,41 @@ class Trainer:
             self.run_dir / "samples.png",
         )
         return summary
+
+    def _watch(self, it: int, base: dict, now: dict, images: torch.Tensor | None) -> None:
+        """The hacking watch after the evaluation of iteration ``it`` (egrpo/watch.py): on hacking, a line on
+        stderr, the evaluation's samples in RUN/hacking/ and, with eval.stop_on_hack, the stop; otherwise a new
+        best evaluation's weights in RUN/best/ (a collective under FSDP)."""
+        from egrpo import report, watch
+
+        if self.check_reward is None:
+            return
+        settings = self.config.eval
+        fallen = watch.hacked(base, now, list(settings.check), settings.hack_margin)
+        if fallen:
+            line = watch.describe(it + 1, base, now, fallen, settings.hack_margin)
+            if self.world.is_main:
+                if not settings.stop_on_hack:  # else the stop says it, once
+                    print(line, file=sys.stderr, flush=True)
+                grid = self.run_dir / "hacking" / f"iter-{it + 1:06d}.png"
+                grid.parent.mkdir(exist_ok=True)
+                report.save_image_grid(images, grid, title=f"iteration {it + 1}: {', '.join(fallen)} fell")
+            if settings.stop_on_hack:
+                best = self.run_dir / "best"
+                kept = f"the best weights before it are in {best}" if best.is_dir() else "no earlier evaluation passed"
+                raise TrainingStopped(f"{line}; eval.stop_on_hack: stopped, {kept}")
+            return
+        if now["reward"] <= self._best_reward or watch.fallen_checks(base, now, list(settings.check),
+                                                                     settings.hack_margin):
+            return
+        self._best_reward = now["reward"]
+        best = self.run_dir / "best"
+        if self.world.is_main:
+            best.mkdir(exist_ok=True)
+        self.world.barrier()
+        self._export(best / "model.safetensors")
+        if self.world.is_main:
+            ckpt.atomic_write_text(best / "best.json", json.dumps({"iteration": it + 1, **now}, indent=2))
 
     def _stop_if_diverged(self, it: int, metrics: dict) -> None:
         """The divergence guard (train.max_weight_growth): after iteration ``it``, stop the run when the policy's
