@@ -330,13 +330,16 @@ class Trainer:
             raise self._out_of_memory(phase, batch, knobs) from None
 
     def _out_of_memory(self, phase: str, batch: str, knobs: str) -> TrainingStopped:
-        latest = ckpt.latest_checkpoint(self.run_dir)
-        kept = f"the last checkpoint, {latest}, is untouched" if latest else "no checkpoint was written yet"
         return TrainingStopped(
             f"out of GPU memory in the {phase} ({batch} at the time): lower {knobs}; LoRA (model.lora_rank), "
             f"gradient checkpointing (model.gradient_checkpointing=true) and FSDP (train.distributed=fsdp) cut "
-            f"memory too; {kept}"
+            f"memory too; {self._checkpoint_kept()}"
         )
+
+    def _checkpoint_kept(self) -> str:
+        """What a stopped run leaves: its last checkpoint, untouched, or none."""
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        return f"the last checkpoint, {latest}, is untouched" if latest else "no checkpoint was written yet"
 
     def _advantages(self, ro: Rollout, rewards: torch.Tensor, parts: dict) -> list[torch.Tensor]:
         """Group z-scores of each trained step's transitions (of the total reward, or of each reward)."""
@@ -408,12 +411,10 @@ class Trainer:
         self._skip_streak += steps
         limit = self.config.train.max_skipped_steps
         if self._skip_streak >= limit:
-            latest = ckpt.latest_checkpoint(self.run_dir)
-            kept = f"the last checkpoint, {latest}, is untouched" if latest else "no checkpoint was written"
             raise TrainingStopped(
                 f"iteration {it + 1}: {self._skip_streak} optimizer steps in a row were skipped for non-finite "
-                f"values (last: {what}; train.max_skipped_steps={limit}); {kept}. Fix the cause (the reward "
-                f"models' outputs, train.lr), then: egrpo train --resume {self.run_dir}"
+                f"values (last: {what}; train.max_skipped_steps={limit}); {self._checkpoint_kept()}. Fix the cause "
+                f"(the reward models' outputs, train.lr), then: egrpo train --resume {self.run_dir}"
             )
         return {"skipped_steps": steps}
 
