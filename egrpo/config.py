@@ -138,6 +138,10 @@ class TrainConfig:
     max_skipped_steps: int = 10
     """An optimizer step whose rewards or gradient norm are not finite is skipped (and counted in metrics.jsonl);
     this many skipped in a row stop the run, leaving its last checkpoint untouched."""
+    novelty_bonus: float = 0.0
+    """Diversity-aware reward (egrpo/diversity.py): each sample's reward gains this weight times its novelty, the
+    mean cosine distance of its image features (eval.diversity_encoder) to the iteration's other samples of the
+    same prompt, before the group z-score; logged as reward_novelty. 0 = off (the paper)."""
     max_weight_growth: float = 10.0
     """Divergence guard: the run stops (exit 1, ``diverged`` in summary.json, its last checkpoint kept as the result)
     when the trained weights' L2 norm exceeds this multiple of the base model's, or when the weights, the policy's
@@ -591,6 +595,7 @@ def validate(config: Config) -> None:
         (t.reward_normalization in ("total", "per_reward"),
          f"train.reward_normalization must be 'total' or 'per_reward', got {t.reward_normalization!r}"),
         (t.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
+        (t.novelty_bonus >= 0, f"train.novelty_bonus must be >= 0 (0 = off), got {t.novelty_bonus}"),
         (t.kl_coef >= 0, "train.kl_coef must be >= 0"),
         (t.max_batch == "auto" or (isinstance(t.max_batch, int) and t.max_batch >= 1),
          f"train.max_batch must be a number >= 1 or 'auto', got {t.max_batch!r}"),

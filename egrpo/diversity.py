@@ -68,6 +68,16 @@ def encoder(setting: str, components: dict, kind: str) -> tuple[str, Encoder] | 
     return setting, components[setting].image_features
 
 
+def novelty(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(N,) mean cosine distance of each sample's features (N, D) to the other samples of its prompt (``rows``,
+    (N,) prompt indices); 0 for a prompt's only sample."""
+    f = F.normalize(features.double(), dim=-1)
+    same = rows[:, None] == rows[None, :]
+    others = same.sum(1) - 1
+    distance = ((1.0 - f @ f.T) * same).sum(1)
+    return torch.where(others > 0, distance / others.clamp(min=1), torch.zeros_like(distance)).float()
+
+
 def measure(features: torch.Tensor, prompts: list[str], seeds: int) -> tuple[dict[str, float], dict[str, dict]]:
     """Overall means and per-prompt values of both measures, from (P * seeds, D) features in prompt order."""
     grouped = features.reshape(len(prompts) // seeds, seeds, -1)

@@ -127,6 +127,17 @@ class Trainer:
         checks = config.eval.check
         self.check_reward = WeightedReward({n: (1.0, dict(o or {})) for n, o in checks.items()}) if checks else None
         self._best_reward = -math.inf  # the watch's best evaluation so far, kept in RUN/best/
+        self.novelty_encoder = None
+        if config.train.novelty_bonus > 0:
+            from egrpo import diversity
+
+            chosen = diversity.encoder(config.eval.diversity_encoder, self.reward.components, config.model.kind)
+            if chosen is None:
+                raise ConfigError(
+                    "train.novelty_bonus needs image features: configure a clip, pickscore or hps reward (weight 0 "
+                    "is fine) or name one in eval.diversity_encoder"
+                )
+            self.novelty_encoder = chosen[1]
         self.run_dir = Path(self.world.broadcast(str(chosen_dir)))
         needed = config.train.prompts_per_iteration * self.world.size
         if needed > len(self.task.train_prompts):
@@ -346,10 +357,15 @@ class Trainer:
         cfg = self.config.train
         if cfg.reward_normalization == "per_reward":
             return [
-                per_reward_advantages(parts, self.reward.weights, ts.leaves, ts.groups, ro.reduce, cfg.adv_clip)
+                per_reward_advantages(parts, self._reward_weights(), ts.leaves, ts.groups, ro.reduce, cfg.adv_clip)
                 for ts in ro.train_steps
             ]
         return [transition_advantages(rewards, ts.leaves, ts.groups, ro.reduce, cfg.adv_clip) for ts in ro.train_steps]
+
+    def _reward_weights(self) -> dict[str, float]:
+        """Each reward's weight in the advantage; the novelty bonus counts as one more when it is on."""
+        bonus = self.config.train.novelty_bonus
+        return {**self.reward.weights, **({"novelty": bonus} if self.novelty_encoder is not None else {})}
 
     def _score(self, ro: Rollout, prompts: list[str]):
         """One reward call for every final latent (and the anchors); rewards (F,), anchors (P,) or None."""
@@ -363,6 +379,12 @@ class Trainer:
                                 "or move it to another GPU (reward.NAME.device) or server (reward http)"):
             total, parts = self.reward.score(images, names)
         n = ro.finals.shape[0]
+        if self.novelty_encoder is not None:  # the bonus is for the trained samples, not the anchors
+            from egrpo.diversity import novelty
+
+            parts["novelty"] = torch.zeros_like(total)
+            parts["novelty"][:n] = novelty(self.novelty_encoder(images[:n]), ro.final_rows).to(total.device)
+            total = total + self.config.train.novelty_bonus * parts["novelty"]
         anchors = total[n:] if ro.anchor_finals is not None else None
         return total[:n], anchors, {name: v[:n] for name, v in parts.items()}
 
