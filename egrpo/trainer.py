@@ -261,15 +261,9 @@ class Trainer:
 
     # ---- one iteration ----------------------------------------------------------------------------
     def iteration(self, it: int) -> dict:
-        cfg = self.config.train
-        gen = iteration_generator(self.config.seed, it)
-        # All ranks draw the same global prompt choice and take their own slice; each prompt slot has its
-        # own noise generator, so the world size does not change what a prompt's samples are.
-        p, first = cfg.prompts_per_iteration, self.world.rank * cfg.prompts_per_iteration
-        rows = torch.randperm(len(self.task.train_prompts), generator=gen)[: p * self.world.size][first : first + p]
+        gen, rows, prompt_gens = self._draws(it)
         prompts = [self.task.train_prompts[int(r)] for r in rows]
         cond = select(self.train_cond, rows)
-        prompt_gens = [iteration_generator(self.config.seed, it, slot) for slot in self._prompt_slots()]
 
         t0 = time.perf_counter()
         self.model.eval()
@@ -323,14 +317,17 @@ class Trainer:
             print(f"iteration {it + 1}: out of GPU memory in the rollout at {self.max_batch} latents a call; "
                   f"train.max_batch=auto retries it at {self.max_batch // 2}", file=sys.stderr, flush=True)
             self.max_batch //= 2
-            gen, prompt_gens = iteration_generator(self.config.seed, it), [
-                iteration_generator(self.config.seed, it, slot) for slot in self._prompt_slots()
-            ]
-            torch.randperm(len(self.task.train_prompts), generator=gen)  # the prompt draw, as iteration() made it
+            gen, _, prompt_gens = self._draws(it)
 
-    def _prompt_slots(self) -> range:
-        first = self.world.rank * self.config.train.prompts_per_iteration
-        return range(first, first + self.config.train.prompts_per_iteration)
+    def _draws(self, it: int) -> tuple[torch.Generator, torch.Tensor, list[torch.Generator]]:
+        """Iteration ``it``'s shared generator (after its prompt draw), this rank's prompt rows and their noise
+        generators: the same every time they are drawn. All ranks draw the same global prompt choice and take
+        their own slice; each prompt slot has its own noise generator, so the world size does not change what a
+        prompt's samples are."""
+        p, first = self.config.train.prompts_per_iteration, self.world.rank * self.config.train.prompts_per_iteration
+        gen = iteration_generator(self.config.seed, it)
+        rows = torch.randperm(len(self.task.train_prompts), generator=gen)[: p * self.world.size][first : first + p]
+        return gen, rows, [iteration_generator(self.config.seed, it, slot) for slot in range(first, first + p)]
 
     @contextlib.contextmanager
     def _memory_guard(self, phase: str, batch: str, knobs: str):
@@ -590,8 +587,8 @@ class Trainer:
         if self.check_reward is None:
             return
         settings = self.config.eval
-        fallen = watch.hacked(base, now, list(settings.check), settings.hack_margin)
-        if fallen:
+        fallen = watch.fallen_checks(base, now, list(settings.check), settings.hack_margin)
+        if watch.hacked(base, now, fallen):
             line = watch.describe(it + 1, base, now, fallen, settings.hack_margin)
             if self.world.is_main:
                 if not settings.stop_on_hack:  # else the stop says it, once
@@ -604,8 +601,7 @@ class Trainer:
                 kept = f"the best weights before it are in {best}" if best.is_dir() else "no earlier evaluation passed"
                 raise TrainingStopped(f"{line}; eval.stop_on_hack: stopped, {kept}")
             return
-        if now["reward"] <= self._best_reward or watch.fallen_checks(base, now, list(settings.check),
-                                                                     settings.hack_margin):
+        if fallen or now["reward"] <= self._best_reward:
             return
         self._best_reward = now["reward"]
         best = self.run_dir / "best"

@@ -19,9 +19,9 @@ def fallen_checks(base: dict, now: dict, checks: list[str], margin: float) -> li
     return fallen
 
 
-def hacked(base: dict, now: dict, checks: list[str], margin: float) -> list[str]:
-    """The fallen checks when the trained reward rose meanwhile (reward hacking); empty otherwise."""
-    return fallen_checks(base, now, checks, margin) if now["reward"] > base["reward"] else []
+def hacked(base: dict, now: dict, fallen: list[str]) -> bool:
+    """Reward hacking: checks fell (:func:`fallen_checks`) while the trained reward rose."""
+    return bool(fallen) and now["reward"] > base["reward"]
 
 
 def describe(iteration: int, base: dict, now: dict, fallen: list[str], margin: float) -> str:

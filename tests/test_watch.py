@@ -11,11 +11,15 @@ from egrpo.cli import main
 
 def test_hacking_is_a_risen_reward_with_a_check_fallen_beyond_the_margin():
     base = {"reward": 1.0, "check_clip": 0.30, "check_alignment": 0.5}
-    assert watch.hacked(base, {"reward": 1.2, "check_clip": 0.26, "check_alignment": 0.5}, ["clip", "alignment"],
-                        0.1) == ["clip"]
-    assert watch.hacked(base, {"reward": 1.2, "check_clip": 0.28, "check_alignment": 0.5}, ["clip"], 0.1) == []
-    assert watch.hacked(base, {"reward": 0.9, "check_clip": 0.10, "check_alignment": 0.5}, ["clip"], 0.1) == []
-    assert watch.fallen_checks(base, {"reward": 0.9, "check_clip": 0.10}, ["clip"], 0.1) == ["clip"]
+    rose_clip_fell = {"reward": 1.2, "check_clip": 0.26, "check_alignment": 0.5}
+    assert watch.fallen_checks(base, rose_clip_fell, ["clip", "alignment"], 0.1) == ["clip"]
+    assert watch.hacked(base, rose_clip_fell, ["clip"])
+    within_margin = {"reward": 1.2, "check_clip": 0.28, "check_alignment": 0.5}
+    assert watch.fallen_checks(base, within_margin, ["clip"], 0.1) == []
+    assert not watch.hacked(base, within_margin, [])
+    reward_fell_too = {"reward": 0.9, "check_clip": 0.10}
+    assert watch.fallen_checks(base, reward_fell_too, ["clip"], 0.1) == ["clip"]
+    assert not watch.hacked(base, reward_fell_too, ["clip"])
 
 
 def test_a_quality_only_run_is_caught_stopped_and_its_best_weights_kept(tmp_path, capsys):
