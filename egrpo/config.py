@@ -30,6 +30,7 @@ from egrpo.rollout import ODE_SOLVERS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MODEL_KINDS = ("embedded", "flux", "sd3")  # egrpo.tasks.TASKS has one factory for each (tested)
+KL_SCHEDULES = ("constant", "linear", "cosine")  # egrpo.grpo.kl_weight computes each
 
 
 @dataclass
@@ -122,7 +123,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient norm clip of each optimizer step."""
     kl_coef: float = 0.0
-    """Weight of the KL to the frozen base model (paper: 0, no KL)."""
+    """Weight of the KL to the frozen base model (paper: 0, no KL); with a kl_schedule, its weight at iteration 1."""
+    kl_schedule: str = "constant"
+    """How the KL weight moves over the run: 'constant' (kl_coef throughout), or 'linear' / 'cosine' from kl_coef
+    at the first iteration to kl_coef_end at the last (a decay when kl_coef_end is smaller, a warm-up when it is
+    larger). The weight is a function of the iteration alone, so a resumed run repeats it exactly; logged as
+    kl_coef in metrics.jsonl."""
+    kl_coef_end: Optional[float] = None
+    """The KL weight at the last iteration under a 'linear' or 'cosine' kl_schedule (required there)."""
     max_batch: Union[int, str] = 1024
     """Most latents per network call during rollouts and evaluation (a memory bound). 'auto': start at 1024 and,
     when a training rollout runs out of GPU memory, halve it and roll the same samples out again."""
@@ -597,6 +605,15 @@ def validate(config: Config) -> None:
         (t.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
         (t.novelty_bonus >= 0, f"train.novelty_bonus must be >= 0 (0 = off), got {t.novelty_bonus}"),
         (t.kl_coef >= 0, "train.kl_coef must be >= 0"),
+        (t.kl_schedule in KL_SCHEDULES,
+         f"train.kl_schedule must be one of {', '.join(KL_SCHEDULES)}, got {t.kl_schedule!r}"),
+        (t.kl_schedule == "constant" or t.kl_coef_end is not None,
+         f"train.kl_schedule={t.kl_schedule} moves the KL weight from train.kl_coef to train.kl_coef_end: set "
+         "train.kl_coef_end (the weight at the last iteration)"),
+        (t.kl_schedule != "constant" or t.kl_coef_end is None,
+         "train.kl_coef_end is the end of a KL schedule, but train.kl_schedule is constant: set "
+         "train.kl_schedule=linear or cosine, or drop train.kl_coef_end"),
+        (t.kl_coef_end is None or t.kl_coef_end >= 0, f"train.kl_coef_end must be >= 0, got {t.kl_coef_end}"),
         (t.max_batch == "auto" or (isinstance(t.max_batch, int) and t.max_batch >= 1),
          f"train.max_batch must be a number >= 1 or 'auto', got {t.max_batch!r}"),
         (t.max_weight_growth == 0 or t.max_weight_growth > 1,

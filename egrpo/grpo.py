@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -76,3 +78,24 @@ def kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tenso
     ``mean((mu - mu_ref)^2) / (2 std^2)``."""
     per_sample = ((mean - ref_mean) ** 2).flatten(1).mean(1)
     return (per_sample / (2.0 * std.to(per_sample.device) ** 2)).mean()
+
+
+def kl_weight(schedule: str, start: float, end: float | None, iteration: int, iterations: int) -> float:
+    """The KL weight at 0-based ``iteration`` of ``iterations``: ``start`` throughout ('constant'), or moving from
+    ``start`` at the first iteration to ``end`` at the last, in a straight line ('linear') or along half a cosine
+    ('cosine': flat at both ends, steepest midway). A pure function of the iteration, so a resumed run repeats it."""
+    if schedule == "constant":
+        return start
+    if end is None:
+        raise ValueError(f"kl schedule {schedule!r} needs an end weight")
+    done = iteration / (iterations - 1) if iterations > 1 else 1.0
+    if schedule == "linear":
+        return start + (end - start) * done
+    if schedule == "cosine":
+        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * done))
+    raise ValueError(f"unknown kl schedule {schedule!r}")
+
+
+def uses_kl(schedule: str, start: float, end: float | None) -> bool:
+    """Whether the KL weight is ever above 0, so the frozen reference is needed."""
+    return start > 0 or (schedule != "constant" and end is not None and end > 0)

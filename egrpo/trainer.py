@@ -31,7 +31,15 @@ from egrpo.determinism import make_deterministic
 from egrpo.distributed import World
 from egrpo.errors import ConfigError, TrainingStopped
 from egrpo.evaluation import make_evaluation
-from egrpo.grpo import grouped_std, kl_to_reference, per_reward_advantages, ppo_clip_loss, transition_advantages
+from egrpo.grpo import (
+    grouped_std,
+    kl_to_reference,
+    kl_weight,
+    per_reward_advantages,
+    ppo_clip_loss,
+    transition_advantages,
+    uses_kl,
+)
 from egrpo.methods import Method, build_method
 from egrpo.planner import RolloutPlan
 from egrpo.policy import Cond, Policy, select
@@ -56,7 +64,8 @@ class Diverged(TrainingStopped):
 
 
 def chunk_loss(
-    policy: Policy, method: Method, config: Config, ts: TrainStep, a: int, b: int, cond: Cond, advantages: torch.Tensor
+    policy: Policy, method: Method, config: Config, ts: TrainStep, a: int, b: int, cond: Cond, advantages: torch.Tensor,
+    kl_coef: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of inputs ``a:b`` of trained step ``ts`` and of the transitions that leave them (docs/method.md
     section 6), weighted so that the chunks of a step add up to the step's loss, and its statistics as detached
@@ -64,7 +73,8 @@ def chunk_loss(
 
     The policy runs once per input; its G transitions' log-probs come from that one output. Everything new here is
     made on the policy's device: the rollout's samples and log-probs are there already, the advantages (scored
-    wherever the rewards ran) are moved."""
+    wherever the rewards ran) are moved. ``kl_coef``: this iteration's KL weight (train.kl_schedule's value; None =
+    train.kl_coef). Whenever the schedule ever weighs the KL, it is computed and reported, even at weight 0."""
     train, noise = config.train, config.sampling.noise
     sigmas, eta = method.sigmas, method.sde_eta()  # the noise level the rollout sampled with
     n, m = ts.inputs.shape[0], ts.source.shape[0]
@@ -80,12 +90,12 @@ def chunk_loss(
     share = (hi - lo) / m
     stats = {name: value if name == "ratio_max_dev" else value * share for name, value in stats.items()}
     loss = loss * ts.weight * share
-    if train.kl_coef > 0:
+    if uses_kl(train.kl_schedule, train.kl_coef, train.kl_coef_end):
         with torch.no_grad():
             v_ref = policy.velocity(x_in, sigma_from.float(), chunk_cond, reference=True)
             ref_mean, _ = sde_distribution(x_in, v_ref, sigma_from, sigma_to, eta, float(sigmas[1]), noise)
         kl = kl_to_reference(mean, ref_mean, std)
-        loss = loss + train.kl_coef * kl * (b - a) / n
+        loss = loss + (train.kl_coef if kl_coef is None else kl_coef) * kl * (b - a) / n
         stats["kl"] = kl.detach() * share
     stats["loss"] = loss.detach()
     return loss, stats
@@ -145,7 +155,8 @@ class Trainer:
                 f"train.prompts_per_iteration={config.train.prompts_per_iteration} on {self.world.size} ranks needs "
                 f"{needed} distinct prompts per iteration; there are {len(self.task.train_prompts)}"
             )
-        if config.train.kl_coef > 0:
+        self.uses_kl = uses_kl(config.train.kl_schedule, config.train.kl_coef, config.train.kl_coef_end)
+        if self.uses_kl:
             self.policy.freeze_reference()
         self.model = self.policy.model  # unwrapped: what checkpoints hold
         # What the policy calls: DDP's wrapper, or the model sharded in place.
@@ -290,6 +301,7 @@ class Trainer:
             **({"anchor_reward": anchor_rewards.mean().item()} if anchor_rewards is not None else {}),
             **{f"reward_{k}": v.mean().item() for k, v in parts.items()},
             **update,
+            **({"kl_coef": self._kl_coef(it)} if self.uses_kl else {}),
             "optimizer_steps": len(ro.train_steps) - update["skipped_steps"],
             "network_calls": ro.network_calls + sum(ts.inputs.shape[0] for ts in ro.train_steps),
             "max_batch": self.max_batch,
@@ -391,6 +403,7 @@ class Trainer:
         A step whose gradient norm is not finite is skipped (see :meth:`_skip`). Statistics stay on the
         device until the step ends: one host sync per optimizer step, not one per chunk and statistic."""
         cfg = self.config.train
+        kl_coef = self._kl_coef(it)
         self.model.train()
         stats: dict[str, list[float]] = {}
         skipped = 0
@@ -400,7 +413,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             for a in range(0, n, cfg.update_batch):
                 b = min(a + cfg.update_batch, n)
-                loss, chunk_stats = chunk_loss(self.policy, self.method, self.config, ts, a, b, cond, advantages[j])
+                loss, chunk_stats = chunk_loss(self.policy, self.method, self.config, ts, a, b, cond, advantages[j],
+                                               kl_coef)
                 with self.world.no_sync(self.policy.model, last_chunk=b == n):
                     loss.backward()
                 for name, value in chunk_stats.items():
@@ -424,6 +438,11 @@ class Trainer:
             for name, value in step_stats.items():
                 stats.setdefault(name, []).append(value)
         return {**{name: sum(values) / len(values) for name, values in stats.items()}, "skipped_steps": skipped}
+
+    def _kl_coef(self, it: int) -> float:
+        """Iteration ``it``'s KL weight under train.kl_schedule, over the run's train.iterations."""
+        cfg = self.config.train
+        return kl_weight(cfg.kl_schedule, cfg.kl_coef, cfg.kl_coef_end, it, cfg.iterations)
 
     def _skip(self, steps: int, it: int, what: str) -> dict:
         """Count ``steps`` optimizer steps skipped for a non-finite ``what``; too many in a row stop the run."""
@@ -718,6 +737,14 @@ def resume_changes(config: Config, run_dir: Path) -> dict[str, list]:
         raise ConfigError(f"--resume {run_dir}: its config.yaml does not load ({exc})") from None
     new = flat_values(config)
     changed = {k: [saved.get(k), v] for k, v in new.items() if saved.get(k) != v}
+    if "train.iterations" in changed and new.get("train.kl_schedule", "constant") != "constant":
+        # The schedule runs from the first iteration to the last: a new last iteration would bend the part still
+        # to come, and the run would match neither the one started nor one started with the new length.
+        raise ConfigError(
+            f"--resume {run_dir} cannot change train.iterations ({changed['train.iterations'][0]} -> "
+            f"{changed['train.iterations'][1]}) under train.kl_schedule={new['train.kl_schedule']}: the KL weight's "
+            f"schedule spans the run's iterations. To train on, start a new run with model.checkpoint={run_dir}"
+        )
     same_scores = "reward" in changed and _scoring(saved["reward"]) == _scoring(new["reward"])
     refused = [k for k in changed if k not in RESUMABLE_CHANGES and not (k == "reward" and same_scores)]
     if refused:
@@ -748,7 +775,7 @@ def _check_fsdp_supported(config: Config) -> None:
             "train.distributed=fsdp with model.lora_rank > 0: LoRA trains only small adapters over a frozen base, "
             "so shard nothing: use train.distributed=ddp (each rank holds the base in bf16, 24 GB for FLUX.1-dev)"
         )
-    if config.train.kl_coef > 0:
+    if uses_kl(config.train.kl_schedule, config.train.kl_coef, config.train.kl_coef_end):
         raise ConfigError(
             "train.kl_coef > 0 with train.distributed=fsdp: the frozen reference would be a second unsharded "
             "model on every rank; train without the KL term (the paper's setting) or with train.distributed=ddp"

@@ -49,10 +49,13 @@ def test_deterministic_switches_every_source_of_gpu_nondeterminism(tmp_path, tin
     assert trainer.iteration(0)["first_ratio_max_dev"] == 0.0  # every op of an iteration has a deterministic kernel
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_overrides, deterministic,
+# The KL schedule case: its weight is derived from the iteration, so the resumed half trains with the same weights.
+@pytest.mark.parametrize("deterministic, schedule", [
+    (False, []), (True, []), (False, ["train.kl_schedule=cosine", "train.kl_coef=2", "train.kl_coef_end=0.1"]),
+])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_overrides, deterministic, schedule,
                                                                   restores_determinism):
-    extra = ["checkpoint_every=3", f"train.deterministic={str(deterministic).lower()}"]
+    extra = ["checkpoint_every=3", f"train.deterministic={str(deterministic).lower()}", *schedule]
     straight = Trainer(_config(tmp_path, tiny_overrides, "straight", 4, extra), progress=False)
     straight.train()
 
@@ -79,6 +82,10 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_
     rewards = [[json.loads(l)["reward_mean"] for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
                for n in ("straight", "resumed")]
     assert rewards[0] == rewards[1] and len(rewards[0]) == 4
+    if schedule:
+        weights = [[json.loads(l)["kl_coef"] for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+                   for n in ("straight", "resumed")]
+        assert weights[0] == weights[1] and weights[0][0] == 2.0 and weights[0][-1] == pytest.approx(0.1)
 
 
 def test_resume_needs_a_run_directory(tmp_path, tiny_overrides):
