@@ -88,7 +88,7 @@ def kl_weight(schedule: str, start: float, end: float | None, iteration: int, it
         return start
     if end is None:
         raise ValueError(f"kl schedule {schedule!r} needs an end weight")
-    done = iteration / (iterations - 1) if iterations > 1 else 1.0
+    done = iteration / (iterations - 1) if iterations > 1 else 0.0  # a run of one iteration trains at its start
     if schedule == "linear":
         return start + (end - start) * done
     if schedule == "cosine":

@@ -18,7 +18,7 @@ def test_the_schedules_run_from_the_first_weight_to_the_last():
     assert cosine == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 0.0])
     # a warm-up is the same schedule upwards
     assert [kl_weight("linear", 0.0, 2.0, i, 3) for i in range(3)] == pytest.approx([0.0, 1.0, 2.0])
-    assert kl_weight("cosine", 1.0, 0.5, 0, 1) == 0.5  # one iteration is the last one
+    assert kl_weight("cosine", 1.0, 0.5, 0, 1) == 1.0  # one iteration: train.kl_coef, the weight of the first
 
 
 @pytest.mark.parametrize("overrides, message", [
