@@ -112,3 +112,42 @@ def test_fsdp_memory_writes_per_rank_peaks_for_every_phase(tmp_path):
         assert all(run["phases"][p] == max(r[p] for r in run["ranks"]) for p in run["phases"])
         # Training holds at least this rank's half of the fp32 weights, gradients and AdamW moments.
         assert run["phases"]["train"] >= run["model_bytes"] * 4 / 2 * 0.9
+
+
+def test_diversity_pareto_keeps_the_share_of_base_diversity_and_checks_the_target():
+    pareto = _load("diversity_pareto")
+    base = {"alignment": 0.5, "judge_accuracy": 0.5, "embedding_diversity": 0.2, "vendi": 1.5, "diversity": 2.0,
+            "frechet_distance": 1.0}
+
+    def run(alignment, embedding_diversity):
+        return {**base, "alignment": alignment, "embedding_diversity": embedding_diversity, "iterations": 60,
+                "train_seconds": 100.0}
+
+    result = pareto.summarise(base, {"plain": {0: run(0.98, 0.02), 1: run(0.96, 0.04)},
+                                     "novelty 1": {0: run(0.96, 0.15), 1: run(0.94, 0.15)}})
+    plain, novelty = result["settings"]
+    assert [plain["label"], novelty["label"]] == ["plain", "novelty 1"]  # SETTINGS' order, not the dict's
+    assert plain["mean"]["kept"] == pytest.approx(0.15) and plain["std"]["kept"] == pytest.approx(0.0707107)
+    assert not plain["reaches_target"]  # aligned but not diverse
+    assert novelty["mean"]["alignment"] == pytest.approx(0.95) and novelty["reaches_target"]
+    table = pareto.markdown(result)
+    assert "60 iterations), 2 seeds" in table and "| novelty 1 | 2 | 0.950 ± 0.014 |" in table and "75% ± 0" in table
+
+
+def test_diversity_pareto_trains_evaluates_and_keeps_finished_runs(tmp_path, eval_prompt_file):
+    pareto = _load("diversity_pareto")
+    args = ["--seeds", "0", "--settings", "KL warm-up 0->4", "--root", str(tmp_path / "runs"), "--threads", "1",
+            "--out", str(tmp_path / "pareto"), "--figure", str(tmp_path / "pareto.png"), "train.iterations=1",
+            "train.prompts_per_iteration=2", "train.group_size=3", "plan.active_steps=first:2",
+            f"prompts.eval={eval_prompt_file}"]
+    assert pareto.main(args) == 0
+    run = tmp_path / "runs" / "kl-warm-up-0-4-seed0"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["kl_coef"] for m in metrics] == [0.0]  # the setting's schedule reached the run
+    result = json.loads((tmp_path / "pareto.json").read_text())
+    (setting,) = result["settings"]
+    assert setting["seeds"]["0"]["iterations"] == 1 and 0 < setting["mean"]["kept"]
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
+    finished = (run / "summary.json").stat().st_mtime_ns
+    assert pareto.main(args) == 0  # a second call reports the finished run without training it again
+    assert (run / "summary.json").stat().st_mtime_ns == finished
