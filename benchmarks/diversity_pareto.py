@@ -31,19 +31,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (label, overrides of the main job). KL strengths: at the policy 10 iterations into a plain run, the KL's
-# gradient at weight 1 is 10-25% of the policy gradient's, and it grows as the policy drifts, so 1 is a light
-# hold and 4 a firm one. The schedules move between 0 and 4 over the run in either direction: a warm-up lets
-# the early, learning iterations run free and holds the late ones, where diversity collapses; a decay does the
-# opposite. Novelty 1 is the one-seed measurement's best strength (3 bought no more).
+# (label, overrides of the main job). KL weights: at the policy 10 iterations into a run, the KL's gradient at
+# weight 1 is 10-25% of the policy gradient's and grows as the policy drifts; on seed 0, weight 1 held alignment
+# at 0.75, so 0.25 is the light hold and 1 the firm one. The schedule warms the weight up from 0 to 1 over the
+# run: the early, learning iterations run free and the late ones, where diversity collapses, are held (the decay
+# is the opposite). Novelty 1 is the one-seed measurement's best strength (3 bought no more).
 SETTINGS: list[tuple[str, list[str]]] = [
     ("plain", []),
+    ("KL 0.25", ["train.kl_coef=0.25"]),
     ("KL 1", ["train.kl_coef=1"]),
-    ("KL 4", ["train.kl_coef=4"]),
-    ("KL warm-up 0->4", ["train.kl_schedule=linear", "train.kl_coef=0", "train.kl_coef_end=4"]),
-    ("KL decay 4->0", ["train.kl_schedule=linear", "train.kl_coef=4", "train.kl_coef_end=0"]),
+    ("KL warm-up 0->1", ["train.kl_schedule=linear", "train.kl_coef=0", "train.kl_coef_end=1"]),
+    ("KL decay 1->0", ["train.kl_schedule=linear", "train.kl_coef=1", "train.kl_coef_end=0"]),
     ("novelty 1", ["train.novelty_bonus=1"]),
-    ("novelty 1 + KL 1", ["train.novelty_bonus=1", "train.kl_coef=1"]),
+    ("novelty 1 + KL 0.25", ["train.novelty_bonus=1", "train.kl_coef=0.25"]),
 ]
 METRICS = ("alignment", "judge_accuracy", "embedding_diversity", "vendi", "diversity", "frechet_distance")
 # The target: alignment >= 0.95 with >= 70% of the base model's embedding diversity.
