@@ -136,12 +136,12 @@ def test_diversity_pareto_keeps_the_share_of_base_diversity_and_checks_the_targe
 
 def test_diversity_pareto_trains_evaluates_and_keeps_finished_runs(tmp_path, eval_prompt_file):
     pareto = _load("diversity_pareto")
-    args = ["--seeds", "0", "--settings", "KL warm-up 0->4", "--root", str(tmp_path / "runs"), "--threads", "1",
+    args = ["--seeds", "0", "--settings", "KL warm-up 0->1", "--root", str(tmp_path / "runs"), "--threads", "1",
             "--out", str(tmp_path / "pareto"), "--figure", str(tmp_path / "pareto.png"), "train.iterations=1",
             "train.prompts_per_iteration=2", "train.group_size=3", "plan.active_steps=first:2",
             f"prompts.eval={eval_prompt_file}"]
     assert pareto.main(args) == 0
-    run = tmp_path / "runs" / "kl-warm-up-0-4-seed0"
+    run = tmp_path / "runs" / "kl-warm-up-0-1-seed0"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["kl_coef"] for m in metrics] == [0.0]  # the setting's schedule reached the run
     result = json.loads((tmp_path / "pareto.json").read_text())
