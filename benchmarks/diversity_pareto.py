@@ -121,7 +121,7 @@ def markdown(result: dict) -> str:
     iterations = sorted({m["iterations"] for s in result["settings"] for m in s["seeds"].values()})
     lines = [
         f"Main job (embedded task, {' or '.join(map(str, iterations))} iterations), {' or '.join(map(str, counts))} "
-        "seeds per setting, mean ± std; held-out prompts and seeds of `egrpo eval`",
+        f"seed{'s' if counts != [1] else ''} per setting, mean ± std; held-out prompts and seeds of `egrpo eval`",
         "",
         "| setting | seeds | alignment | judge accuracy | embedding diversity | kept of base | Vendi | pixel diversity "
         "| Fréchet distance |",
