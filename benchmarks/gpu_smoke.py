@@ -129,8 +129,10 @@ def write_prompts(root: Path, size: dict) -> None:
     (root / "eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
 
 
-def overrides(root: Path, size: dict, device: str, lora_rank: int, active_steps: str, iterations: int) -> list[str]:
-    return [
+def overrides(
+    root: Path, size: dict, device: str, lora_rank: int, active_steps: str, iterations: int, compile: bool = False
+) -> list[str]:
+    return [f"model.compile={str(compile).lower()}",
         "reward={jpeg_compressibility: 1.0}",
         "model.kind=flux", f"model.pretrained={root}", f"model.embedding_cache={root / 'cache.safetensors'}",
         f"model.height={size['resolution']}", f"model.width={size['resolution']}", f"model.device={device}",
@@ -147,36 +149,46 @@ def synchronizer(cuda: bool):
 
 
 class CallRecorder:
-    """Wraps ``policy.velocity`` and logs (batch size, with gradient) of each call. It waits for each call's GPU
-    work, so the trainer's phase clocks charge it to the phase that queued it (the launch queue runs ahead)."""
+    """Wraps ``policy.velocity`` and logs (batch size, with gradient, a completion) of each call; a completion is a
+    call made through ``policy.completion_velocity`` (compiled under --compile). It waits for each call's GPU work,
+    so the trainer's phase clocks charge it to the phase that queued it (the launch queue runs ahead)."""
 
     def __init__(self, policy, sync):
         self.policy = policy
-        self.inner = policy.velocity
+        self.inner, self.inner_completion = policy.velocity, policy.completion_velocity
         self.sync = sync
-        self.calls: list[tuple[int, bool]] = []
-        policy.velocity = self
+        self.calls: list[tuple[int, bool, bool]] = []
+        self._completing = False
+        policy.velocity, policy.completion_velocity = self, self.completion
 
     def __call__(self, x, sigma, cond, reference=False):
         out = self.inner(x, sigma, cond, reference=reference)
         self.sync()
-        self.calls.append((x.shape[0], torch.is_grad_enabled() and not reference))
+        self.calls.append((x.shape[0], torch.is_grad_enabled() and not reference, self._completing))
         return out
+
+    def completion(self, x, sigma, cond):
+        self._completing = True  # the policy's completion path calls velocity (above) inside
+        try:
+            return self.inner_completion(x, sigma, cond)
+        finally:
+            self._completing = False
 
     def stop(self) -> None:
         """Calls go straight to the policy again."""
-        self.policy.velocity = self.inner
+        self.policy.velocity, self.policy.completion_velocity = self.inner, self.inner_completion
 
 
-def replay(trainer: Trainer, velocity, calls: list[tuple[int, bool]], sync) -> tuple[dict[str, float], list]:
-    """The recorded calls alone on random inputs of the same shapes: rollout calls as no-grad forwards, update
-    calls as forward + backward. Seconds of each part, only the calls on the clock, and (batch, with gradient,
-    seconds) of each call."""
+def replay(trainer: Trainer, calls: list[tuple[int, bool, bool]], sync) -> tuple[dict[str, float], list]:
+    """The recorded calls alone on random inputs of the same shapes: rollout calls as no-grad forwards (completions
+    through the policy's completion path, as the rollout ran them), update calls as forward + backward. Seconds of
+    each part, only the calls on the clock, and (batch, with gradient, seconds) of each call."""
     policy, cond_all = trainer.policy, trainer.train_cond
     available = next(iter(cond_all.values())).shape[0]
     seconds = {"rollout": 0.0, "update": 0.0}
     timed = []
-    for batch, grad in calls:
+    for batch, grad, completion in calls:
+        velocity = policy.completion_velocity if completion else policy.velocity
         cond = select(cond_all, torch.arange(batch) % available)
         x = torch.randn((batch, *policy.latent_shape), device=policy.device)
         sigma = torch.rand(batch, device=policy.device)
@@ -257,8 +269,8 @@ def flux_pipeline(trainer: Trainer):
     return pipe
 
 
-def largest_rollout_batch(calls: list[tuple[int, bool]]) -> int:
-    return max(batch for batch, grad in calls if not grad)
+def largest_rollout_batch(calls: list[tuple[int, bool, bool]]) -> int:
+    return max(batch for batch, grad, _ in calls if not grad)
 
 
 def peer(trainer: Trainer, batch: int, sync, repeats: int) -> dict:
@@ -279,7 +291,7 @@ def peer(trainer: Trainer, batch: int, sync, repeats: int) -> dict:
     embeddings = policy.on_device(cond)
     noise = torch.randn((batch, *policy.latent_shape), generator=torch.Generator().manual_seed(0)).to(policy.device)
     pipe = flux_pipeline(trainer)
-    velocity = chunked_velocity(policy, trainer.max_batch)
+    velocity = chunked_velocity(policy, trainer.max_batch, completion=True)  # as sample_images (compiled: --compile)
     guidance = DEFAULT_GUIDANCE if model.guidance is None else model.guidance
     warm = min(2, plan.num_steps)
 
@@ -347,8 +359,10 @@ def mid_run(args, size: dict, cuda: bool) -> dict:
         del transformer, vae
         write_prompts(root, size)
         lora = args.lora_rank or 0
-        config = cfg.load(None, overrides(root, size, args.device, lora, size["active_steps"], iterations))
+        steps = size["active_steps"]
+        config = cfg.load(None, overrides(root, size, args.device, lora, steps, iterations, args.compile))
         trainer = Trainer(config, progress=False)
+        compile_seconds = trainer.policy.compile_completions(trainer.train_cond)
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -360,8 +374,10 @@ def mid_run(args, size: dict, cuda: bool) -> dict:
                 recorder.stop()
             sync()
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        _, timed = replay(trainer, recorder.inner, recorder.calls, sync)
+        _, timed = replay(trainer, recorder.calls, sync)
         side_by_side = peer(trainer, largest_rollout_batch(recorder.calls), sync, args.peer_repeats)
+        compiled = compile_side_by_side(trainer, largest_rollout_batch(recorder.calls), sync, args.peer_repeats,
+                                        compile_seconds)
     matmul = matmul_rate(args.device, cuda)
 
     timed_runs = runs[1:] or runs  # the first iteration pays for kernel selection and allocator growth
@@ -384,6 +400,7 @@ def mid_run(args, size: dict, cuda: bool) -> dict:
         "peak_memory_gib": peak,
         "utilisation": utilisation(policy_flops(trainer.policy), timed, matmul),
         "peer": side_by_side,
+        "compile": compiled,
     }
 
 
@@ -429,8 +446,8 @@ def flux_dev_run(args, size: dict, cuda: bool) -> dict:
         root = Path(tmp)
         write_prompts(root, size)
         lora = 32 if args.lora_rank is None else args.lora_rank
-        config = cfg.load(None, overrides(root, size, args.device, lora, size["measured_steps"], 1))
-        full = cfg.load(None, overrides(root, size, args.device, lora, size["active_steps"], 1))
+        config = cfg.load(None, overrides(root, size, args.device, lora, size["measured_steps"], 1, args.compile))
+        full = cfg.load(None, overrides(root, size, args.device, lora, size["active_steps"], 1, args.compile))
         transformer, vae = build_modules(size, resolve_device(args.device), FluxPolicy.weight_dtype(config.model))
         policy = FluxPolicy(config.model, transformer, vae, EmbeddingCache(root / "cache.safetensors"))
         task = Task(policy=policy, train_prompts=TRAIN_PROMPTS, eval_prompts=EVAL_PROMPTS)
@@ -440,14 +457,17 @@ def flux_dev_run(args, size: dict, cuda: bool) -> dict:
         warm_up(trainer)
         sync()
         warmed = time.perf_counter()
+        compile_seconds = policy.compile_completions(trainer.train_cond)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         recorder = CallRecorder(policy, sync)
         metrics = trainer.iteration(0)
         recorder.stop()
         peak = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30) if cuda else None
-        replayed, timed = replay(trainer, recorder.inner, recorder.calls, sync)
+        replayed, timed = replay(trainer, recorder.calls, sync)
         side_by_side = peer(trainer, largest_rollout_batch(recorder.calls), sync, args.peer_repeats)
+        compiled = compile_side_by_side(trainer, largest_rollout_batch(recorder.calls), sync, args.peer_repeats,
+                                        compile_seconds)
     finished = time.perf_counter()
     matmul = matmul_rate(args.device, cuda)
 
@@ -493,6 +513,45 @@ def flux_dev_run(args, size: dict, cuda: bool) -> dict:
         "peak_memory_reserved_gib": peak[1] if peak else None,
         "utilisation": utilisation(policy_flops(policy), timed, matmul),
         "peer": side_by_side,
+        "compile": compiled,
+    }
+
+
+def compile_side_by_side(
+    trainer: Trainer, batch: int, sync, repeats: int, compile_seconds: float | None
+) -> dict | None:
+    """With --compile (model.compile): one latent forward of the rollout's largest ``batch`` through the eager
+    network (what trained transitions and the update run) against the compiled blocks (what completions run), the two
+    alternating ``repeats`` times after one call each, each the median over 10 calls; and the compile time. None
+    without --compile."""
+    if compile_seconds is None:
+        return None
+    policy = trainer.policy
+    available = next(iter(trainer.train_cond.values())).shape[0]
+    cond = select(trainer.train_cond, torch.arange(batch) % available)
+    x = torch.randn((batch, *policy.latent_shape), generator=torch.Generator().manual_seed(0)).to(policy.device)
+    sigma = torch.full((batch,), 0.5, device=policy.device)
+    runs = {"eager": policy.velocity, "compiled": policy.completion_velocity}
+    seconds = {name: [] for name in runs}
+    trainer.model.eval()
+    with torch.no_grad():
+        out = {name: run(x, sigma, cond) for name, run in runs.items()}
+        for _ in range(repeats):
+            for name, run in runs.items():
+                sync()
+                start = time.perf_counter()
+                for _ in range(10):
+                    run(x, sigma, cond)
+                sync()
+                seconds[name].append((time.perf_counter() - start) / 10)
+    per_latent = {name: statistics.median(s) / batch for name, s in seconds.items()}
+    return {
+        "compile_seconds": compile_seconds,
+        "compile_is": "regional torch.compile of the repeated blocks, at batch 2 and 3 (egrpo/regional_compile.py)",
+        "batch": batch,
+        "seconds_per_latent_forward": per_latent,
+        "speedup": per_latent["eager"] / per_latent["compiled"],
+        "velocity_max_abs_diff": (out["eager"] - out["compiled"]).abs().max().item(),
     }
 
 
@@ -508,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="LoRA rank (default 0, full fine-tuning; 32 with --flux-dev-size)")
     parser.add_argument("--peer-repeats", type=int, default=3,
                         help="timed runs of each sampler in the side by side with diffusers' FluxPipeline (default 3)")
+    parser.add_argument("--compile", action="store_true",
+                        help="model.compile: completions through the compiled blocks, and their speed-up measured")
     parser.add_argument("--out", help="also write the JSON result here")
     args = parser.parse_args(argv)
     if args.peer_repeats < 1:

@@ -7,6 +7,7 @@ CLIP / HPS reward weights in their published formats, then runs, each check on i
 
 - every method, one iteration, on FLUX and on SD3 (full fine-tuning), egrpo-fast with every ODE solver;
 - LoRA on both;
+- ``model.compile`` on both (LoRA, egrpo-fast): inductor compiles the blocks once, the first PPO ratio stays exactly 1;
 - ``torchrun --nproc_per_node 1`` with DDP and with FSDP: trained, resumed, exported, and the export loaded
   with diffusers' ``from_pretrained`` equal to the trained weights;
 - ``egrpo eval``, ``egrpo sample`` and ``egrpo figures completion`` on the device;
@@ -267,6 +268,13 @@ class Suite:
     def lora(self, kind: str) -> dict:
         return self.train(kind, f"{kind}-lora", "model.lora_rank=4", "train.lr=1e-4")
 
+    def compiled(self, kind: str) -> dict:
+        """egrpo-fast with model.compile (its completions compiled) and LoRA; the compile time from summary.json."""
+        name = f"{kind}-compile"
+        result = self.train(kind, name, "model.compile=true", "model.lora_rank=4", method="egrpo-fast")
+        summary = json.loads((self.work / "runs" / name / "summary.json").read_text())
+        return {**result, "compile_seconds": summary["compile_seconds"]}
+
     def distributed(self, mode: str) -> dict:
         """torchrun: 1 iteration with a checkpoint, --resume to 2, egrpo export, the export loaded by diffusers."""
         from diffusers import FluxTransformer2DModel
@@ -374,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny models: the suite's CPU mode")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_suite.json"))
     parser.add_argument("--only", help="run only the checks whose name contains this text")
+    parser.add_argument("--skip", help="skip the checks whose name contains this text")
     parser.add_argument("--work", help="keep the built models and runs in this folder (default: a temporary one)")
     args = parser.parse_args(argv)
     missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
@@ -405,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                 checks.append((f"{kind}/egrpo-fast/{solver}", partial(
                     suite.train, kind, run_name, f"method.completion_solver={solver}", method="egrpo-fast")))
             checks.append((f"{kind}/lora", partial(suite.lora, kind)))
+            checks.append((f"{kind}/compile", partial(suite.compiled, kind)))
         checks += [
             ("torchrun/ddp", partial(suite.distributed, "ddp")),
             ("torchrun/fsdp", partial(suite.distributed, "fsdp")),
@@ -414,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             ("resume/exactness", suite.resume_exactness),
         ]
         for name, fn in checks:
-            if not args.only or args.only in name:
+            if (not args.only or args.only in name) and not (args.skip and args.skip in name):
                 suite.check(name, fn)
         passed = sum(r["status"] == "ok" for r in suite.results)
         print(f"gpu suite: {passed} of {len(suite.results)} checks passed; results in {args.out}")

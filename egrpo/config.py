@@ -58,6 +58,10 @@ class ModelConfig:
     """Scaled-dot-product-attention kernel of 'flux' / 'sd3': 'auto' (on a GPU, the fastest of cudnn, flash,
     efficient and math whose forward and backward run at the model's attention shape, probed once at start and
     printed; on the CPU, torch's choice) or one of them by name (egrpo/attention.py)."""
+    compile: bool = False
+    """Regional torch.compile of the transformer's repeated blocks for the forwards that never enter a log-probability:
+    ODE completions, untrained ODE steps and evaluation sampling (egrpo/regional_compile.py); the trained transitions'
+    forwards and the update stay eager, so the first PPO ratio stays exactly 1. Compiles once at start (reported)."""
     dtype: str = "bfloat16"
     """Compute dtype of 'flux' / 'sd3' on a GPU, 'bfloat16' (autocast; fp32 master weights) or 'float32';
     on the CPU everything runs in fp32."""
@@ -585,6 +589,9 @@ def validate(config: Config) -> None:
         (0 <= config.eval.seed < 2**32, f"eval.seed must be in [0, 2**32), got {config.eval.seed}"),
         (config.model.kind in MODEL_KINDS,
          f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {config.model.kind!r}"),
+        (not config.model.compile or config.model.kind != "embedded",
+         "model.compile applies to the diffusers pipelines (model.kind flux, sd3, ...); the embedded digits model is "
+         "too small to gain from it: set model.compile=false"),
         (p.merge_lengths is None or all(type(n) is int for n in p.merge_lengths),
          f"plan.merge_lengths must be whole numbers of steps, got {p.merge_lengths}"),
         (isinstance(p.active_steps, str) or all(type(n) is int for n in p.active_steps),

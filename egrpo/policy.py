@@ -37,6 +37,12 @@ class Policy(Protocol):
         """
         ...
 
+    def completion_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """``velocity`` for the forwards whose output never enters a log-probability (ODE completions, untrained ODE
+        steps, evaluation sampling): a policy may answer it faster and less exactly (``model.compile``). The forwards
+        of trained transitions always go through ``velocity``, the path the update recomputes."""
+        ...
+
     def freeze_reference(self) -> None:
         """Keep the current weights as the reference of ``velocity(..., reference=True)``; the trainer
         calls it once on the base model, before any update or resumed checkpoint is loaded."""

@@ -123,6 +123,11 @@ class PipelinePolicy:
         self.model = transformer if on_meta else transformer.to(self.device)  # FSDP fills meta shards later
         self._reference: nn.Module | None = None
         self._reference_frozen = False
+        self._regional = None
+        if model.compile:
+            from egrpo.regional_compile import RegionalCompile
+
+            self._regional = RegionalCompile(self.model)
 
     transformer_class: str  # the diffusers class of the pipeline's transformer
 
@@ -185,6 +190,41 @@ class PipelinePolicy:
         """Cached embeddings on the CPU: the cache of a large prompt set stays off the GPU, and ``velocity``
         moves the few rows of each call there."""
         return self.cache.lookup(prompts)
+
+    def completion_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """``velocity`` for forwards that never enter a log-probability; with model.compile, through the compiled
+        blocks (egrpo/regional_compile.py), compiled on first use if :meth:`compile_completions` has not run."""
+        if self._regional is None:
+            return self.velocity(x, sigma, cond)
+        if self._regional.seconds is None:
+            self.compile_completions(cond)
+        n = x.shape[0]
+        if n == 1:  # torch specialises a size-1 dimension; two rows reuse the graphs compiled for any batch
+            x, sigma = torch.cat([x, x]), torch.cat([sigma, sigma])
+            cond = {k: torch.cat([v, v]) for k, v in cond.items()}
+        with self._regional.active():
+            return self.velocity(x, sigma, cond)[:n]
+
+    def compile_completions(self, cond: Cond) -> float | None:
+        """With model.compile, compile the blocks now on ``cond``'s first prompt; returns the seconds it took (None
+        without model.compile). Later calls return the first one's time."""
+        if self._regional is None or self._regional.seconds is not None:
+            return None if self._regional is None else self._regional.seconds
+        row = {k: v[:1] for k, v in cond.items()}
+        noise = torch.Generator().manual_seed(0)  # not the run's generators: compiling changes no random draw
+
+        def run(batch: int) -> None:
+            x = torch.randn((batch, *self.latent_shape), generator=noise)
+            sigma = torch.full((batch,), 0.5)
+            with self._regional.active():
+                self.velocity(x, sigma, {k: v.expand(batch, *v.shape[1:]).contiguous() for k, v in row.items()})
+
+        training = self.model.training
+        self.model.eval()  # the mode completions run in: a module's training flag is part of what torch.compile guards
+        try:
+            return self._regional.warm_up(run)
+        finally:
+            self.model.train(training)
 
     def freeze_reference(self) -> None:
         """With LoRA the reference is the base network with its adapters disabled (no copy); in full
