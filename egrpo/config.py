@@ -69,18 +69,19 @@ class ModelConfig:
     max_sequence_length: Optional[int] = None
     """T5 tokens per prompt in the embedding cache; None = the pipeline's default (FLUX 512, SD3 256, Wan 512)."""
     device: Optional[str] = None
-    """Where 'flux' / 'sd3' run ('cuda', 'cuda:1', 'cpu'); None = the first GPU if there is one, else the CPU."""
+    """Where 'flux' / 'sd3' / 'wan' run ('cuda', 'cuda:1', 'cpu'); None = the first GPU if there is one, else the
+    CPU."""
     attention_backend: str = "auto"
-    """Scaled-dot-product-attention kernel of 'flux' / 'sd3': 'auto' (on a GPU, the fastest of cudnn, flash,
+    """Scaled-dot-product-attention kernel of 'flux' / 'sd3' / 'wan': 'auto' (on a GPU, the fastest of cudnn, flash,
     efficient and math whose forward and backward run at the model's attention shape, probed once at start and
     printed; on the CPU, torch's choice) or one of them by name (egrpo/attention.py)."""
     dtype: str = "bfloat16"
-    """Compute dtype of 'flux' / 'sd3' on a GPU, 'bfloat16' (autocast; fp32 master weights) or 'float32';
+    """Compute dtype of 'flux' / 'sd3' / 'wan' on a GPU, 'bfloat16' (autocast; fp32 master weights) or 'float32';
     on the CPU everything runs in fp32."""
     gradient_checkpointing: bool = False
     """Recompute transformer blocks in the backward pass instead of storing their activations."""
     lora_rank: int = 0
-    """LoRA rank of the 'flux' / 'sd3' transformer (peft); 0 = full fine-tuning."""
+    """LoRA rank of the 'flux' / 'sd3' / 'wan' transformer (peft); 0 = full fine-tuning."""
     lora_alpha: float = 64.0
     """LoRA scaling numerator (the update is scaled by alpha / rank; Flow-GRPO: rank 32, alpha 64)."""
     lora_target_modules: Optional[list] = None

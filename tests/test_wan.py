@@ -403,3 +403,55 @@ def test_the_policy_runs_on_the_meta_device(wan):
         loss.backward()
     trained = [p for p in policy.model.parameters() if p.requires_grad]
     assert trained and all(p.grad is not None and p.grad.device == meta for p in trained)
+
+
+def test_fsdp_reads_the_transformer_from_its_safetensors_block_by_block(wan):
+    """What each FSDP rank does: the transformer built on meta (no memory), each Wan block its own FSDP unit, then
+    filled from the pipeline's safetensors files: exactly the pretrained weights."""
+    import diffusers
+
+    from egrpo.distributed import transformer_blocks
+    from egrpo.sharding import fill_from_safetensors
+
+    task = build_task(cfg.load(str(wan / "config.yaml")), on_meta=True)
+    model = task.policy.model
+    assert all(p.is_meta for p in model.parameters())
+    assert len(transformer_blocks(model)) == 2
+    assert [f.name for f in task.weight_files] == ["diffusion_pytorch_model.safetensors"]
+    fill_from_safetensors(model, task.weight_files, torch.device("cpu"))
+    loaded = diffusers.WanTransformer3DModel.from_pretrained(wan / "pipeline", subfolder="transformer")
+    expected = loaded.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    # the RoPE tables are computed, never saved: built on the CPU, they survive the fill
+    assert torch.equal(model.rope.freqs_cos, loaded.rope.freqs_cos) and model.rope.freqs_cos.abs().sum() > 0
+
+
+def test_flops_count_the_video_tokens_and_both_guidance_branches(wan):
+    from egrpo.flops import policy_flops
+    from egrpo.models.wan import WanPolicy
+
+    def counted(*overrides):
+        model = cfg.load(str(wan / "config.yaml"), list(overrides)).model
+        return policy_flops(WanPolicy.load(model, EmbeddingCache(model.embedding_cache)), backward=False).forward
+
+    guided, plain = counted(), counted("model.guidance=1.0")
+    assert guided == 2 * plain > 0  # true CFG: the prompt and the negative prompt, one batched call
+    assert counted("model.guidance=1.0", "model.frames=9") > plain  # 3 latent frames instead of 2
+
+
+def test_shipped_configs_load_and_plan():
+    from egrpo.planner import make_plan, plan_kwargs
+
+    wan21 = cfg.load("wan21-t2v-1.3b-hps")
+    model = wan21.model
+    assert (model.kind, model.pretrained, model.height, model.width, model.frames) == (
+        "wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 240, 416, 33)
+    assert (model.guidance, model.lora_rank, model.lora_alpha, wan21.sampling.shift) == (4.5, 32, 64.0, 3.0)
+    assert make_plan(**plan_kwargs(wan21)).merge_lengths == [1, 1, 2, 2, 2, 3, 3, 3]  # FLUX's: the same grid
+    wan22 = cfg.load("wan22-t2v-a14b-hps")
+    assert (wan22.model.guidance, wan22.model.guidance_2, wan22.sampling.shift) == (4.0, 3.0, 12.0)
+    plan = make_plan(**plan_kwargs(wan22))
+    # every trained step above Wan 2.2's boundary 0.875 (the frozen low-noise expert's side is below it)
+    assert all(plan.sigmas[i] >= 0.875 for i in plan.active_steps) and plan.sigmas[11] < 0.875
+    assert plan.merge_lengths == [1, 1, 1, 2, 2, 2, 2, 3]
+    assert main(["plan", "wan21-t2v-1.3b-hps"]) == 0

@@ -144,6 +144,7 @@ class PipelinePolicy:
                 config = transformer_class.load_config(model.pretrained, subfolder="transformer")
                 with torch.device("meta"):
                     transformer = transformer_class.from_config(config).to(cls.weight_dtype(model))
+                cls._build_computed_buffers(transformer)
             else:
                 transformer = transformer_class.from_pretrained(
                     model.pretrained, subfolder="transformer", torch_dtype=cls.weight_dtype(model)
@@ -157,6 +158,11 @@ class PipelinePolicy:
     @classmethod
     def check_settings(cls, model: ModelConfig) -> None:
         """Checks of the settings only this kind of model has, before any weight loads."""
+
+    @classmethod
+    def _build_computed_buffers(cls, transformer: nn.Module) -> None:
+        """Give a transformer built on the meta device the buffers it computes and never saves (none here), which
+        no weights file can fill."""
 
     @classmethod
     def _other_parts(cls, model: ModelConfig) -> dict:

@@ -123,8 +123,9 @@ class WanPolicy(PipelinePolicy):
         self.boundary = None if boundary_ratio is None else boundary_ratio * NUM_TRAIN_TIMESTEPS
         self.transformer_2 = None
         if transformer_2 is not None:
-            # frozen in the compute dtype: it is never trained, so it needs no fp32 master weights
-            self.transformer_2 = transformer_2.to(self.device, self.dtype).eval().requires_grad_(False)
+            # loaded in the compute dtype (never trained: no fp32 master weights); moved, not cast, so the modules
+            # diffusers keeps in fp32 (norms, time embedding) stay so
+            self.transformer_2 = transformer_2.to(self.device).eval().requires_grad_(False)
         latents_mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1)
         latents_std = torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1)
         self._latents_mean = latents_mean.to(self.device)
@@ -137,6 +138,14 @@ class WanPolicy(PipelinePolicy):
         if model.guidance_2 is not None and model.guidance_2 <= 0:
             raise ConfigError(f"model.guidance_2 must be > 0, got {model.guidance_2}")
         frame_indices(model)
+
+    @classmethod
+    def _build_computed_buffers(cls, transformer: nn.Module) -> None:
+        """The RoPE tables (non-persistent buffers, a few kB) computed on the CPU, as diffusers builds them."""
+        from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+        config = transformer.config
+        transformer.rope = WanRotaryPosEmbed(config.attention_head_dim, config.patch_size, config.rope_max_seq_len)
 
     @classmethod
     def _other_parts(cls, model: ModelConfig) -> dict:
