@@ -455,3 +455,15 @@ def test_shipped_configs_load_and_plan():
     assert all(plan.sigmas[i] >= 0.875 for i in plan.active_steps) and plan.sigmas[11] < 0.875
     assert plan.merge_lengths == [1, 1, 1, 2, 2, 2, 2, 3]
     assert main(["plan", "wan21-t2v-1.3b-hps"]) == 0
+
+
+def test_a_ti2v_pipeline_is_refused(wan, tmp_path):
+    """Wan 2.2 TI2V gives each token its own timestep (expand_timesteps), which this adapter does not."""
+    import shutil
+
+    folder = tmp_path / "ti2v"
+    shutil.copytree(wan / "pipeline", folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
+    with pytest.raises(ConfigError, match=r"Wan 2.2 TI2V pipeline \(expand_timesteps"):
+        build_task(cfg.load(str(wan / "config.yaml"), [f"model.pretrained={folder}"]))

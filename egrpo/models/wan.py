@@ -151,6 +151,12 @@ class WanPolicy(PipelinePolicy):
     def _other_parts(cls, model: ModelConfig) -> dict:
         """Wan 2.2's low-noise expert and the boundary between the experts, from the pipeline's model_index.json."""
         index = _model_index(model)
+        if index.get("expand_timesteps"):
+            raise ConfigError(
+                f"model.pretrained={model.pretrained!r} is a Wan 2.2 TI2V pipeline (expand_timesteps: a timestep per "
+                "token, for image-to-video conditioning); egrpo trains the text-to-video pipelines, Wan 2.1 T2V and "
+                "Wan 2.2 T2V A14B"
+            )
         if not index.get("transformer_2") or index["transformer_2"][0] is None:
             return {}
         import diffusers
