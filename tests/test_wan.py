@@ -467,3 +467,18 @@ def test_a_ti2v_pipeline_is_refused(wan, tmp_path):
     (folder / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
     with pytest.raises(ConfigError, match=r"Wan 2.2 TI2V pipeline \(expand_timesteps"):
         build_task(cfg.load(str(wan / "config.yaml"), [f"model.pretrained={folder}"]))
+
+
+def test_wan_smoke_runs_tiny_on_cpu(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "wan_smoke.py"
+    spec = importlib.util.spec_from_file_location("wan_smoke", path)
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    out = tmp_path / "smoke.json"
+    assert smoke.main(["--device", "cpu", "--tiny", "--iterations", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["first_ratio_max_dev"] == 0.0 and result["seconds_per_iteration"] > 0
+    assert result["video"]["latent_shape"] == [16, 2, 4, 4] and result["video"]["reward_frames"] == [0, 1, 3, 4]
+    assert 0 < result["trained_params"] < result["transformer_params"]  # LoRA rank 32, as the shipped config
