@@ -482,3 +482,33 @@ def test_wan_smoke_runs_tiny_on_cpu(tmp_path):
     assert result["first_ratio_max_dev"] == 0.0 and result["seconds_per_iteration"] > 0
     assert result["video"]["latent_shape"] == [16, 2, 4, 4] and result["video"]["reward_frames"] == [0, 1, 3, 4]
     assert 0 < result["trained_params"] < result["transformer_params"]  # LoRA rank 32, as the shipped config
+
+
+def test_wan22_gradient_on_the_frozen_expert_is_refused_and_its_lora_export_loads(wan22, tmp_path):
+    """A trained step the plan check cannot see (a moving window) stops at its first update with what to change;
+    a LoRA run's export goes onto WanPipeline's high-noise `transformer`, giving egrpo's trained velocity there."""
+    import diffusers
+
+    policy = build_task(cfg.load(str(wan22 / "config.yaml"))).policy
+    x, cond = torch.randn(2, *policy.latent_shape), policy.encode(EVAL)
+    with pytest.raises(ConfigError, match="below Wan 2.2's expert boundary, on the frozen low-noise expert"):
+        policy.velocity(x, torch.tensor([0.9, 0.5]), cond)
+    with torch.no_grad():  # a rollout's call: both experts, as the pipeline routes them
+        assert torch.isfinite(policy.velocity(x, torch.tensor([0.9, 0.5]), cond)).all()
+
+    run = tmp_path / "run"
+    assert main(["train", str(wan22 / "config.yaml"), f"output_dir={run}", "model.lora_rank=4", "model.lora_alpha=8",
+                 "--no-progress"]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    trained = build_task(cfg.load(str(run / "config.yaml"), [f"model.checkpoint={run}"])).policy
+    high = torch.tensor([0.9, 0.8])
+    with torch.no_grad():
+        expected = trained.velocity(x, high, cond)
+    pipe = diffusers.WanPipeline.from_pretrained(wan22 / "pipeline")
+    pipe.load_lora_weights(tmp_path / "export")
+    negative = trained.cache.unconditional()["text"].expand(2, -1, -1)
+    with torch.no_grad():
+        v_cond, v_uncond = (pipe.transformer(hidden_states=x, timestep=high * 1000, encoder_hidden_states=text,
+                                             return_dict=False)[0] for text in (cond["text"], negative))
+    torch.testing.assert_close(v_uncond + 5.0 * (v_cond - v_uncond), expected, rtol=0, atol=1e-5)
+    assert not any("lora" in name for name, _ in pipe.transformer_2.named_parameters())
