@@ -164,20 +164,10 @@ def _sd3(config: Config, on_meta: bool) -> Task:
 
 
 def _wan(config: Config, on_meta: bool) -> Task:
-    from egrpo.models.wan import WanPolicy
-    from egrpo.planner import make_plan, plan_kwargs
+    from egrpo.models.wan import WanPolicy, check_trained_steps
 
-    task = _pipeline_task(config, WanPolicy.load, on_meta)
-    low = task.policy.low_noise_steps(make_plan(**plan_kwargs(config)))
-    if low:
-        boundary = task.policy.boundary / 1000
-        raise ConfigError(
-            f"plan.active_steps={config.plan.active_steps!r} trains steps {low} of the {config.sampling.num_steps}-"
-            f"step grid, below Wan 2.2's expert boundary (sigma < {boundary:g}), where the low-noise expert "
-            "denoises; egrpo trains the high-noise expert and keeps that one frozen: choose earlier steps "
-            "(e.g. plan.active_steps=first-half) or a larger sampling.shift"
-        )
-    return task
+    check_trained_steps(config)
+    return _pipeline_task(config, WanPolicy.load, on_meta)
 
 
 TASKS: dict[str, Callable[[Config, bool], Task]] = {"embedded": _embedded, "flux": _flux, "sd3": _sd3, "wan": _wan}

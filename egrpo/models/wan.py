@@ -8,13 +8,13 @@ rollout and the update see the same guided velocity and the first update's ratio
 
 Decoding de-normalises the latent with the VAE's per-channel ``latents_mean`` / ``latents_std`` as WanPipeline
 does, decodes the whole video, and keeps the ``model.reward_frames`` frames: ``decode`` answers (B, K, C, H, W).
-Rewards score each kept frame as an image and average them (:func:`egrpo.rewards.score_frames`).
+Rewards score each kept frame as an image and average them (:func:`egrpo.video.score_frames`).
 
 Wan 2.2 A14B has two experts: ``transformer`` denoises the high-noise part of the grid (timesteps at or above
 ``boundary_ratio`` x 1000), ``transformer_2`` the rest, with its own guidance scale. Here the high-noise expert is
 trained and the low-noise one is frozen, in the compute dtype: E-GRPO trains the high-entropy steps, the first
 half of the grid, and on Wan 2.2's own grid (shift 12, boundary 0.875) the first 11 of 16 steps are the
-high-noise expert's; a trained step on the frozen expert's side is refused where the plan is known (tasks.py).
+high-noise expert's; a plan training a step on the frozen expert's side is refused before any weight loads.
 Training one expert also keeps the checkpoint, the export (``transformer/`` or a LoRA file that
 ``WanPipeline.load_lora_weights`` puts on ``transformer``) and FSDP's sharding those of one network.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from egrpo.config import ModelConfig
+from egrpo.config import Config, ModelConfig
 from egrpo.devices import resolve_device
 from egrpo.errors import ConfigError
 from egrpo.models.pipeline import PipelinePolicy
@@ -85,10 +85,7 @@ class WanPolicy(PipelinePolicy):
         self.check_settings(model)
         super().__init__(model, transformer, vae, cache)
         if (transformer_2 is None) != (boundary_ratio is None):
-            raise ConfigError(
-                f"model.pretrained={model.pretrained!r}: a second expert (transformer_2) needs the pipeline's "
-                "boundary_ratio and the other way round; its model_index.json has only one of them"
-            )
+            raise ValueError("a second expert (transformer_2) comes with its boundary_ratio, and only with it")
         temporal = vae.config.scale_factor_temporal
         if (model.frames - 1) % temporal:
             raise ConfigError(
@@ -150,23 +147,16 @@ class WanPolicy(PipelinePolicy):
     @classmethod
     def _other_parts(cls, model: ModelConfig) -> dict:
         """Wan 2.2's low-noise expert and the boundary between the experts, from the pipeline's model_index.json."""
-        index = _model_index(model)
-        if index.get("expand_timesteps"):
-            raise ConfigError(
-                f"model.pretrained={model.pretrained!r} is a Wan 2.2 TI2V pipeline (expand_timesteps: a timestep per "
-                "token, for image-to-video conditioning); egrpo trains the text-to-video pipelines, Wan 2.1 T2V and "
-                "Wan 2.2 T2V A14B"
-            )
-        if not index.get("transformer_2") or index["transformer_2"][0] is None:
+        ratio = expert_boundary(model)
+        if ratio is None:
             return {}
         import diffusers
 
-        boundary = index.get("boundary_ratio")
         dtype = compute_dtype(model, resolve_device(model.device))
         transformer_2 = diffusers.WanTransformer3DModel.from_pretrained(
             model.pretrained, subfolder="transformer_2", torch_dtype=dtype
         )
-        return {"transformer_2": transformer_2, "boundary_ratio": boundary}
+        return {"transformer_2": transformer_2, "boundary_ratio": ratio}
 
     def _check_cache(self, transformer: nn.Module) -> None:
         if self.cache.kind != self.kind:
@@ -197,13 +187,6 @@ class WanPolicy(PipelinePolicy):
         if self.transformer_2 is not None:
             arch["experts"] = {"trained": "transformer", "frozen": "transformer_2", "boundary": self.boundary}
         return arch
-
-    def low_noise_steps(self, plan) -> list[int]:
-        """The active steps of ``plan`` that the frozen low-noise expert denoises (none without a second expert)."""
-        if self.boundary is None:
-            return []
-        timesteps = plan.sigmas.float() * NUM_TRAIN_TIMESTEPS  # as ``velocity`` computes them
-        return [i for i in plan.active_steps if timesteps[i] < self.boundary]
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, reference: bool = False) -> torch.Tensor:
         x = x.to(self.device)
@@ -259,6 +242,45 @@ class WanPolicy(PipelinePolicy):
             frames = pixels.float()[:, :, keep.to(pixels.device)].transpose(1, 2)
             videos.append((frames / 2 + 0.5).clamp(0.0, 1.0).cpu())  # VideoProcessor's denormalisation
         return torch.cat(videos).contiguous()
+
+
+def expert_boundary(model: ModelConfig) -> float | None:
+    """Wan 2.2's boundary_ratio, from the pipeline's model_index.json alone: the high-noise expert denoises at
+    timesteps at or above it x 1000, the low-noise one below. None for a one-transformer pipeline (Wan 2.1)."""
+    index = _model_index(model)
+    if index.get("expand_timesteps"):
+        raise ConfigError(
+            f"model.pretrained={model.pretrained!r} is a Wan 2.2 TI2V pipeline (expand_timesteps: a timestep per "
+            "token, for image-to-video conditioning); egrpo trains the text-to-video pipelines, Wan 2.1 T2V and "
+            "Wan 2.2 T2V A14B"
+        )
+    if not index.get("transformer_2") or index["transformer_2"][0] is None:
+        return None
+    if index.get("boundary_ratio") is None:
+        raise ConfigError(
+            f"model.pretrained={model.pretrained!r}: a second expert (transformer_2) needs the pipeline's "
+            "boundary_ratio, which its model_index.json does not give"
+        )
+    return index["boundary_ratio"]
+
+
+def check_trained_steps(config: Config) -> None:
+    """Refuse, before any weight loads, a plan that trains a step the frozen low-noise expert of Wan 2.2 denoises."""
+    from egrpo.planner import make_plan, plan_kwargs
+
+    ratio = expert_boundary(config.model)
+    if ratio is None:
+        return
+    plan = make_plan(**plan_kwargs(config))
+    timesteps = plan.sigmas.float() * NUM_TRAIN_TIMESTEPS  # as ``velocity`` compares them
+    low = [i for i in plan.active_steps if timesteps[i] < ratio * NUM_TRAIN_TIMESTEPS]
+    if low:
+        raise ConfigError(
+            f"plan.active_steps={config.plan.active_steps!r} trains steps {low} of the {config.sampling.num_steps}-"
+            f"step grid, below Wan 2.2's expert boundary (sigma < {ratio:g}), where the "
+            "low-noise expert denoises; egrpo trains the high-noise expert and keeps that one frozen: choose earlier "
+            "steps (e.g. plan.active_steps=first-half) or a larger sampling.shift"
+        )
 
 
 def _model_index(model: ModelConfig) -> dict:
