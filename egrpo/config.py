@@ -29,33 +29,50 @@ from egrpo.rewards import factory as reward_factory
 from egrpo.rollout import ODE_SOLVERS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-MODEL_KINDS = ("embedded", "flux", "sd3")  # egrpo.tasks.TASKS has one factory for each (tested)
+MODEL_KINDS = ("embedded", "flux", "sd3", "wan")  # egrpo.tasks.TASKS has one factory for each (tested)
 
 
 @dataclass
 class ModelConfig:
     kind: str = "embedded"
-    """Policy adapter: 'embedded' (tiny FLUX-architecture model on the digits), 'flux' or 'sd3' (diffusers)."""
+    """Policy adapter: 'embedded' (tiny FLUX-architecture model on the digits), 'flux', 'sd3' or 'wan' (diffusers;
+    'wan' is Wan 2.1 / 2.2 text-to-video)."""
     checkpoint: Optional[str] = None
     """Base weights (a .safetensors file or a run directory); None = the shipped base model."""
     pretrained: Optional[str] = None
-    """Diffusers pipeline of kind 'flux' / 'sd3': a hub id (black-forest-labs/FLUX.1-dev) or a local folder.
+    """Diffusers pipeline of kind 'flux' / 'sd3' / 'wan': a hub id (black-forest-labs/FLUX.1-dev) or a local folder.
     Training loads only its transformer and VAE; the text encoders run once, in ``egrpo preprocess``."""
     embedding_cache: Optional[str] = None
-    """Text embeddings of every prompt for 'flux' / 'sd3' (a .safetensors file written by ``egrpo preprocess``)."""
+    """Text embeddings of every prompt for 'flux' / 'sd3' / 'wan' (a .safetensors file written by
+    ``egrpo preprocess``)."""
     height: int = 720
-    """Image height in pixels for 'flux' / 'sd3' (the authors' FLUX code: 720)."""
+    """Image (or video frame) height in pixels for 'flux' / 'sd3' / 'wan' (the authors' FLUX code: 720)."""
     width: int = 720
-    """Image width in pixels for 'flux' / 'sd3'."""
+    """Image (or video frame) width in pixels for 'flux' / 'sd3' / 'wan'."""
+    frames: int = 81
+    """'wan': frames of a video, 4k + 1 (the VAE keeps the first frame and folds each next 4 into one latent frame;
+    Wan 2.1's default: 81, 5 s at 16 fps). Other kinds make images and ignore it."""
+    reward_frames: Union[int, list] = 4
+    """'wan': the frames every reward scores, the video's reward being their mean: a count, spread evenly from the
+    first frame to the last (as DanceGRPO scores HPS on frames), or a list of frame indices. Only these frames are
+    kept after decoding, and they are what sample grids and evaluations show, as a strip per sample."""
+    negative_prompt: str = ""
+    """'wan': the text of the unconditional branch of classifier-free guidance, encoded into the embedding cache by
+    ``egrpo preprocess`` ("" as WanPipeline without a negative_prompt)."""
+    guidance_2: Optional[float] = None
+    """'wan' 2.2 with two experts: the guidance scale of the low-noise expert (None = model.guidance, as
+    WanPipeline's guidance_scale_2)."""
     guidance: Optional[float] = None
     """FLUX: embedded guidance (None = 3.5; ignored by transformers without guidance embeddings).
-    SD3: true classifier-free guidance scale (None = 4.5 as in Flow-GRPO; 1 = no unconditional branch)."""
+    SD3: true classifier-free guidance scale (None = 4.5 as in Flow-GRPO; 1 = no unconditional branch).
+    Wan: true classifier-free guidance against model.negative_prompt (None = 5 as WanPipeline; <= 1 = none)."""
     max_sequence_length: Optional[int] = None
-    """T5 tokens per prompt in the embedding cache; None = the pipeline's default (FLUX 512, SD3 256)."""
+    """T5 tokens per prompt in the embedding cache; None = the pipeline's default (FLUX 512, SD3 256, Wan 512)."""
     device: Optional[str] = None
-    """Where 'flux' / 'sd3' run ('cuda', 'cuda:1', 'cpu'); None = the first GPU if there is one, else the CPU."""
+    """Where 'flux' / 'sd3' / 'wan' run ('cuda', 'cuda:1', 'cpu'); None = the first GPU if there is one, else the
+    CPU."""
     attention_backend: str = "auto"
-    """Scaled-dot-product-attention kernel of 'flux' / 'sd3': 'auto' (on a GPU, the fastest of cudnn, flash,
+    """Scaled-dot-product-attention kernel of 'flux' / 'sd3' / 'wan': 'auto' (on a GPU, the fastest of cudnn, flash,
     efficient and math whose forward and backward run at the model's attention shape, probed once at start and
     printed; on the CPU, torch's choice) or one of them by name (egrpo/attention.py)."""
     compile: bool = False
@@ -63,16 +80,17 @@ class ModelConfig:
     ODE completions, untrained ODE steps and evaluation sampling (egrpo/regional_compile.py); the trained transitions'
     forwards and the update stay eager, so the first PPO ratio stays exactly 1. Compiles once at start (reported)."""
     dtype: str = "bfloat16"
-    """Compute dtype of 'flux' / 'sd3' on a GPU, 'bfloat16' (autocast; fp32 master weights) or 'float32';
+    """Compute dtype of 'flux' / 'sd3' / 'wan' on a GPU, 'bfloat16' (autocast; fp32 master weights) or 'float32';
     on the CPU everything runs in fp32."""
     gradient_checkpointing: bool = False
     """Recompute transformer blocks in the backward pass instead of storing their activations."""
     lora_rank: int = 0
-    """LoRA rank of the 'flux' / 'sd3' transformer (peft); 0 = full fine-tuning."""
+    """LoRA rank of the 'flux' / 'sd3' / 'wan' transformer (peft); 0 = full fine-tuning."""
     lora_alpha: float = 64.0
     """LoRA scaling numerator (the update is scaled by alpha / rank; Flow-GRPO: rank 32, alpha 64)."""
     lora_target_modules: Optional[list] = None
-    """Module names LoRA adapts; None = the attention projections of the joint blocks (Flow-GRPO's list)."""
+    """Module names LoRA adapts; None = the attention projections of the joint blocks (Flow-GRPO's list; Wan: the
+    self- and cross-attention projections of every block)."""
     decode_batch: int = 4
     """Most latents the VAE decodes at once (a memory bound: an iteration decodes every branch sample)."""
 

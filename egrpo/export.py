@@ -35,6 +35,7 @@ EMBEDDED_KIND = "embedded-digits-flux"  # egrpo.embedded.model.DigitsPolicy.arch
 DIFFUSERS = {  # model.kind -> (pipeline, transformer) classes
     "flux": ("FluxPipeline", "FluxTransformer2DModel"),
     "sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
+    "wan": ("WanPipeline", "WanTransformer3DModel"),
 }
 _DTYPES = {name: dtype for dtype, name in ckpt.SAFETENSORS_DTYPES.items()}
 _PEFT_PREFIX = "base_model.model."  # peft's PeftModel wrapper; diffusers' loaders address the bare transformer
@@ -148,7 +149,8 @@ def _checked_arch(source, config: cfg.Config, run: Path) -> dict:
 
 
 def _label(arch: dict) -> str:
-    kind = {"flux": "FLUX", "sd3": "SD3", EMBEDDED_KIND: "embedded digits"}.get(arch.get("kind"), str(arch.get("kind")))
+    names = {"flux": "FLUX", "sd3": "SD3", "wan": "Wan", EMBEDDED_KIND: "embedded digits"}
+    kind = names.get(arch.get("kind"), str(arch.get("kind")))
     return f"{kind} LoRA" if arch.get("lora") else kind
 
 
@@ -295,7 +297,8 @@ def _card(what: str, arch: dict, config: cfg.Config, run: Path, path: Path, out:
     lines = ["---", "library_name: diffusers"]
     if config.model.pretrained:
         lines.append(f"base_model: {config.model.pretrained}")
-    tags = dict.fromkeys(["egrpo", config.method.name, "text-to-image", *(["lora"] if arch.get("lora") else [])])
+    task = "text-to-video" if arch["kind"] == "wan" else "text-to-image"
+    tags = dict.fromkeys(["egrpo", config.method.name, task, *(["lora"] if arch.get("lora") else [])])
     lines += [f"tags: [{', '.join(tags)}]", "---", ""]
     lines += [
         f"# {_label(arch)}, fine-tuned by egrpo",
@@ -336,6 +339,8 @@ def _snippet(arch: dict, config: cfg.Config, out: Path) -> str:
     pipeline, transformer = DIFFUSERS[arch["kind"]]
     if arch["kind"] == "flux":
         from egrpo.models.flux import DEFAULT_GUIDANCE
+    elif arch["kind"] == "wan":
+        from egrpo.models.wan import DEFAULT_GUIDANCE
     else:
         from egrpo.models.sd3 import DEFAULT_GUIDANCE
     guidance = DEFAULT_GUIDANCE if config.model.guidance is None else config.model.guidance
@@ -357,4 +362,8 @@ def _snippet(arch: dict, config: cfg.Config, out: Path) -> str:
             "torch_dtype=torch.bfloat16)",
         ]
     call = f"guidance_scale={guidance:g}, height={config.model.height}, width={config.model.width}"  # as trained
+    if arch["kind"] == "wan":
+        negative = f", negative_prompt={config.model.negative_prompt!r}" if config.model.negative_prompt else ""
+        call += f", num_frames={config.model.frames}{negative}"
+        return "\n".join([*lines, f'video = pipe("a cat walking in the snow", {call}).frames[0]'])
     return "\n".join([*lines, f'image = pipe("a photo of a cat", {call}).images[0]'])

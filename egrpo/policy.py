@@ -1,7 +1,7 @@
 """What the engine needs from a flow model: velocities, prompt conditioning, and images from latents.
 
 The rollout engine and the trainer only talk to this protocol, so the embedded digits model and the
-FLUX / SD3 adapters are interchangeable. Conditioning is a plain dict of tensors with a leading batch
+FLUX / SD3 / Wan adapters are interchangeable. Conditioning is a plain dict of tensors with a leading batch
 dimension, so the engine can index and repeat it without knowing what is inside.
 """
 
@@ -49,7 +49,8 @@ class Policy(Protocol):
         ...
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [0, 1] from final latents."""
+        """Images (B, C, H, W) in [0, 1] from final latents; a video model's K scored frames, (B, K, C, H, W)
+        (rewards and pictures take either: egrpo.video)."""
         ...
 
     def arch_config(self) -> dict:

@@ -52,11 +52,25 @@ def fill_from_safetensors(model: nn.Module, files: list[Path], device: torch.dev
     """Allocate ``model``'s (sharded, meta) tensors on ``device`` and read each rank's rows from ``files``.
 
     A tensor named in several files is read from the last one, so a fine-tuned checkpoint listed after the
-    base weights overrides them. Every parameter and buffer must be found with its exact shape.
+    base weights overrides them. Every parameter and buffer must be found with its exact shape, but buffers a
+    model computes itself and never saves (non-persistent: Wan's RoPE tables), which keep the values they were
+    built with, off the meta device.
     """
+    computed = {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules() for name in module._non_persistent_buffers_set
+    }
+    kept = {name: b.detach().clone() for name, b in model.named_buffers() if name in computed}
+    unbuilt = sorted(name for name, b in kept.items() if b.is_meta)
+    if unbuilt:
+        raise ValueError(f"{unbuilt[:3]} are computed, not saved, and were built on the meta device: build them first")
     model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name in kept:
+                buffer.copy_(kept[name])
     targets = dict(model.named_parameters())
-    targets.update(model.named_buffers())
+    targets.update((name, b) for name, b in model.named_buffers() if name not in computed)
     owner: dict[str, Path] = {}
     for file in files:
         try:

@@ -91,10 +91,12 @@ def transformer_files(model: ModelConfig) -> list[Path]:
 
 
 class PipelinePolicy:
-    """Base of the FLUX and SD3 adapters (see :class:`egrpo.policy.Policy`); subclasses define the latent
+    """Base of the FLUX, SD3 and Wan adapters (see :class:`egrpo.policy.Policy`); subclasses define the latent
     layout (``latent_shape``, ``_vae_latents``) and the network call (``velocity``)."""
 
     kind: str
+    vae_class = "AutoencoderKL"  # the diffusers class of the pipeline's VAE
+    default_lora_targets = DEFAULT_LORA_TARGETS
 
     def __init__(self, model: ModelConfig, transformer: nn.Module, vae: nn.Module, cache: EmbeddingCache):
         self.settings = model
@@ -103,13 +105,13 @@ class PipelinePolicy:
         self.cache = cache
         self._check_cache(transformer)
         self.vae = vae.to(self.device).eval().requires_grad_(False)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self._spatial_factor(vae)
         self.transformer_config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
         if model.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.lora = model.lora_rank > 0
         if self.lora:
-            self.lora_targets = list(model.lora_target_modules or DEFAULT_LORA_TARGETS)
+            self.lora_targets = list(model.lora_target_modules or self.default_lora_targets)
             transformer.requires_grad_(False)
             try:  # adapters in fp32 over the compute-dtype base
                 transformer = with_lora(transformer, model.lora_rank, model.lora_alpha, self.lora_targets)
@@ -140,20 +142,42 @@ class PipelinePolicy:
         import diffusers
 
         check_model_config(model)
+        cls.check_settings(model)
         transformer_class = getattr(diffusers, cls.transformer_class)
         try:
             if on_meta:
                 config = transformer_class.load_config(model.pretrained, subfolder="transformer")
                 with torch.device("meta"):
                     transformer = transformer_class.from_config(config).to(cls.weight_dtype(model))
+                cls._build_computed_buffers(transformer)
             else:
                 transformer = transformer_class.from_pretrained(
                     model.pretrained, subfolder="transformer", torch_dtype=cls.weight_dtype(model)
                 )
-            vae = diffusers.AutoencoderKL.from_pretrained(model.pretrained, subfolder="vae")
+            vae = getattr(diffusers, cls.vae_class).from_pretrained(model.pretrained, subfolder="vae")
+            others = cls._other_parts(model)
         except OSError as exc:
             raise load_error(model, f"{cls.transformer_class} / VAE", exc) from None
-        return cls(model, transformer, vae, cache)
+        return cls(model, transformer, vae, cache, **others)
+
+    @classmethod
+    def check_settings(cls, model: ModelConfig) -> None:
+        """Checks of the settings only this kind of model has, before any weight loads."""
+
+    @classmethod
+    def _build_computed_buffers(cls, transformer: nn.Module) -> None:
+        """Give a transformer built on the meta device the buffers it computes and never saves (none here), which
+        no weights file can fill."""
+
+    @classmethod
+    def _other_parts(cls, model: ModelConfig) -> dict:
+        """Pipeline parts beyond the transformer and the VAE, as constructor keywords (none here)."""
+        return {}
+
+    @staticmethod
+    def _spatial_factor(vae: nn.Module) -> int:
+        """Pixels per latent row or column: each down block of an ``AutoencoderKL`` but the last halves the side."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
 
     def transformer_files(self) -> list[Path]:
         """The safetensors files of the pipeline's transformer (one, or the shards its index lists)."""

@@ -1,17 +1,20 @@
 """Text embeddings computed once: ``egrpo preprocess`` runs a pipeline's text encoders over prompt files and
-writes them to a safetensors file; the FLUX / SD3 policies read that file and never load a text encoder.
+writes them to a safetensors file; the FLUX / SD3 / Wan policies read that file and never load a text encoder.
 
 One safetensors file; row k of each ``text`` / ``pooled`` tensor belongs to prompt k of the ``prompts`` list
 in the metadata:
 
-====================  ============  ===========================================================
-tensor                shape         FLUX                         SD3 / SD3.5
-====================  ============  ===========================================================
-``text``              (N, L, D)     T5 sequence                  CLIP-L | CLIP-G (padded to D), then T5
-``pooled``            (N, P)        CLIP-L pooled                CLIP-L | CLIP-G pooled
-``uncond_text``       (1, L, D)     --                           the empty prompt (the CFG branch)
-``uncond_pooled``     (1, P)        --                           the empty prompt
-====================  ============  ===========================================================
+=================  =========  ===========================  ===========================  =====================
+tensor             shape      FLUX                         SD3 / SD3.5                  Wan 2.1 / 2.2
+=================  =========  ===========================  ===========================  =====================
+``text``           (N, L, D)  T5 sequence                  CLIP-L | CLIP-G, then T5     umT5 sequence
+``pooled``         (N, P)     CLIP-L pooled                CLIP-L | CLIP-G pooled       none: P = 0
+``uncond_text``    (1, L, D)  --                           the empty prompt (for CFG)   model.negative_prompt
+``uncond_pooled``  (1, P)     --                           the empty prompt             none: P = 0
+=================  =========  ===========================  ===========================  =====================
+
+A Wan cache records its negative prompt in the metadata (``negative_prompt``), so a run whose
+``model.negative_prompt`` differs from the one encoded is refused instead of guided by the wrong text.
 
 A FLUX row is 4 MB in bf16 (512 x 4096), so a cache of tens of thousands of training prompts runs to
 hundreds of GB: the file is written batch by batch into a memory map and read through one, never whole.
@@ -34,8 +37,8 @@ from egrpo.devices import resolve_device
 from egrpo.errors import ConfigError
 from egrpo.policy import Cond
 
-KINDS = ("flux", "sd3")
-DEFAULT_MAX_SEQUENCE_LENGTH = {"flux": 512, "sd3": 256}
+KINDS = ("flux", "sd3", "wan")
+DEFAULT_MAX_SEQUENCE_LENGTH = {"flux": 512, "sd3": 256, "wan": 512}  # Wan: WanPipeline.__call__'s default
 ENCODE_BATCH = 8
 _TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
@@ -87,6 +90,8 @@ def load_text_encoder(model: ModelConfig) -> Encoder:
             return text, pooled
 
         return encode
+    if model.kind == "wan":
+        return _wan_text_encoder(model, device, dtype, length)
 
     from diffusers import StableDiffusion3Pipeline
 
@@ -105,6 +110,28 @@ def load_text_encoder(model: ModelConfig) -> Encoder:
     return encode
 
 
+def _wan_text_encoder(model: ModelConfig, device: torch.device, dtype: torch.dtype, length: int) -> Encoder:
+    """WanPipeline's own ``encode_prompt`` (its prompt cleaning, umT5 padding and zeroed tail) over the tokenizer
+    and the umT5 encoder alone. Wan's transformer takes no pooled embedding: the rows are 0 wide."""
+    from diffusers import WanPipeline
+
+    try:
+        pipe = WanPipeline.from_pretrained(
+            model.pretrained, transformer=None, transformer_2=None, vae=None, torch_dtype=dtype
+        )
+    except OSError as exc:
+        raise load_error(model, "Wan umT5 text encoder", exc) from None
+    pipe = pipe.to(device)
+
+    def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        text, _ = pipe.encode_prompt(
+            prompts, do_classifier_free_guidance=False, max_sequence_length=length, device=device
+        )
+        return text, text.new_zeros(len(prompts), 0)
+
+    return encode
+
+
 def build_cache(model: ModelConfig, prompts: Sequence[str], out: Path, progress: bool = True) -> Path:
     """Encode every prompt (duplicates once) and write the cache to ``out`` atomically."""
     if model.kind not in KINDS:
@@ -114,17 +141,21 @@ def build_cache(model: ModelConfig, prompts: Sequence[str], out: Path, progress:
     prompts = list(dict.fromkeys(prompts))
     encode = load_text_encoder(model)
     with torch.no_grad():
-        extra = {}
-        if model.kind == "sd3":
-            text, pooled = encode([""])
+        extra, metadata = {}, {}
+        if model.kind in ("sd3", "wan"):
+            # SD3 guides against the empty prompt as Flow-GRPO does; Wan against the configured negative prompt
+            negative = model.negative_prompt if model.kind == "wan" else ""
+            text, pooled = encode([negative])
             extra = {"uncond_text": text, "uncond_pooled": pooled}
+            if model.kind == "wan":
+                metadata["negative_prompt"] = negative
         starts = range(0, len(prompts), ENCODE_BATCH)
         if progress:
             from tqdm import tqdm
 
             starts = tqdm(starts, desc="text embeddings", unit="batch", dynamic_ncols=True)
         batches = (encode(prompts[s : s + ENCODE_BATCH]) for s in starts)
-        write_cache(Path(out), model.kind, prompts, batches, extra, model.pretrained)
+        write_cache(Path(out), model.kind, prompts, batches, extra, model.pretrained, metadata)
     return Path(out)
 
 
@@ -135,13 +166,15 @@ def write_cache(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     extra: dict[str, torch.Tensor] | None = None,
     pretrained: str = "",
+    metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write (text, pooled) row batches of ``prompts`` in order, plus ``extra`` tensors, atomically.
+    """Write (text, pooled) row batches of ``prompts`` in order, plus ``extra`` tensors and ``metadata`` strings,
+    atomically.
 
     The file is laid out once the first batch gives the shapes, then filled through a memory map.
     """
     extra = extra or {}
-    metadata = {"kind": kind, "pretrained": str(pretrained), "prompts": json.dumps(prompts)}
+    metadata = {**(metadata or {}), "kind": kind, "pretrained": str(pretrained), "prompts": json.dumps(prompts)}
     num_rows = len(prompts)
     batches = iter(batches)
     first = next(batches)
@@ -213,6 +246,7 @@ class EmbeddingCache:
             metadata = header["__metadata__"]
             self.kind = metadata["kind"]
             self.prompts: list[str] = json.loads(metadata["prompts"])
+            self.metadata: dict[str, str] = metadata
         except (ValueError, KeyError, RuntimeError) as exc:
             raise ConfigError(
                 f"model.embedding_cache: {self.path} is not a cache written by egrpo preprocess ({exc})"
@@ -247,7 +281,7 @@ class EmbeddingCache:
         return {name: self._tensors[name][index] for name in ("text", "pooled")}
 
     def unconditional(self) -> Cond:
-        """The empty prompt's embeddings (SD3 caches only), batch dimension 1."""
+        """The unconditional branch's embeddings (SD3: the empty prompt; Wan: the negative prompt), batch size 1."""
         if "uncond_text" not in self._tensors:
             raise ConfigError(f"{self.path} holds no empty-prompt embedding; rebuild it with egrpo preprocess")
         return {"text": self._tensors["uncond_text"], "pooled": self._tensors["uncond_pooled"]}
