@@ -9,6 +9,7 @@ runs inductor itself."""
 import json
 
 import pytest
+import test_wan
 import torch
 from test_flux_sd3 import save_tiny_flux, save_tiny_sd3, write_config
 
@@ -53,14 +54,19 @@ def marking(monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.fixture(scope="module", params=["flux", "sd3"])
+@pytest.fixture(scope="module", params=["flux", "sd3", "wan"])
 def pipeline(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    (save_tiny_flux if request.param == "flux" else save_tiny_sd3)(root / "pipeline")
-    config = write_config(root, request.param)
+    """(kind, folder) of a tiny pipeline, its config.yaml and its embedding cache."""
+    kind, root = request.param, tmp_path_factory.mktemp(request.param)
+    if kind == "wan":
+        test_wan.save_tiny_wan(root / "pipeline")
+        config = test_wan.write_config(root)
+    else:
+        (save_tiny_flux if kind == "flux" else save_tiny_sd3)(root / "pipeline")
+        config = write_config(root, kind)
     assert main(["preprocess", str(config), "--prompts", str(root / "train.txt"), "--prompts",
                  str(root / "eval.txt"), "--no-progress"]) == 0
-    return request.param, root
+    return kind, root
 
 
 def frames_compiled() -> int:
