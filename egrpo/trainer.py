@@ -178,10 +178,12 @@ class Trainer:
     def _fill_shards(self) -> None:
         """Allocate this rank's shards of the meta-built model and read them: from the weight files, then
         (a fine-tuned start) from a sharded checkpoint."""
+        from egrpo.models.pipeline import lora_initial_value
         from egrpo.sharding import fill_from_safetensors
 
         files = [f for f in self.task.weight_files if not ckpt.is_sharded(f)]
-        fill_from_safetensors(self.model, files, self.policy.device)
+        # LoRA adapters are in no base file: each rank starts its rows of them as one process would
+        fill_from_safetensors(self.model, files, self.policy.device, fresh=lora_initial_value)
         for directory in (f for f in self.task.weight_files if ckpt.is_sharded(f)):
             from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -749,11 +751,6 @@ def _scoring(reward: dict) -> dict:
 
 
 def _check_fsdp_supported(config: Config) -> None:
-    if config.model.kind != "embedded" and config.model.lora_rank > 0:
-        raise ConfigError(
-            "train.distributed=fsdp with model.lora_rank > 0: LoRA trains only small adapters over a frozen base, "
-            "so shard nothing: use train.distributed=ddp (each rank holds the base in bf16, 24 GB for FLUX.1-dev)"
-        )
     if config.model.compile:
         raise ConfigError(
             "model.compile with train.distributed=fsdp: compiling blocks that FSDP unshards in their forward hooks is "

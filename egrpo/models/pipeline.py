@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -67,7 +68,26 @@ def with_lora(transformer: nn.Module, rank: int, alpha: float, targets: list[str
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
-    return get_peft_model(transformer, lora)
+    wrapped = get_peft_model(transformer, lora)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            start = lora_initial_value(name, p.shape)
+            if start is not None and not p.is_meta:  # on meta (FSDP) each rank fills its rows of it later
+                p.copy_(start)
+    return wrapped
+
+
+def lora_initial_value(name: str, shape: torch.Size) -> torch.Tensor | None:
+    """What LoRA parameter ``name`` starts from (None for any other tensor): peft's 'gaussian' init, A ~ N(0, 1/r^2)
+    and B = 0, drawn from a generator seeded by the name. peft draws from torch's global generator in module order,
+    so its start would depend on what ran before and on how the model is built; by name it is the same in every
+    process, on every FSDP rank (each takes its rows of the same tensor) and under any sharding."""
+    if ".lora_A." in name:
+        generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        return torch.randn(tuple(shape), generator=generator) / shape[0]  # shape (r, in): std 1 / r
+    if ".lora_B." in name:
+        return torch.zeros(tuple(shape))
+    return None
 
 def transformer_files(model: ModelConfig) -> list[Path]:
     """The safetensors files of the transformer of the pipeline ``model.pretrained`` (one, or the shards its
