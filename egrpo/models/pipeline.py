@@ -67,7 +67,11 @@ def with_lora(transformer: nn.Module, rank: int, alpha: float, targets: list[str
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
-    return get_peft_model(transformer, lora)
+    # peft draws the A matrices from torch's global generator, whose state depends on what ran before (a test, an
+    # evaluation, a resumed run's start): a fixed seed makes two runs of one config start from the same adapters.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return get_peft_model(transformer, lora)
 
 def transformer_files(model: ModelConfig) -> list[Path]:
     """The safetensors files of the transformer of the pipeline ``model.pretrained`` (one, or the shards its
