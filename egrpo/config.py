@@ -29,42 +29,49 @@ from egrpo.rewards import factory as reward_factory
 from egrpo.rollout import ODE_SOLVERS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-MODEL_KINDS = ("embedded", "flux", "sd3")  # egrpo.tasks.TASKS has one factory for each (tested)
+MODEL_KINDS = ("embedded", "flux", "sd3", "qwen-image")  # egrpo.tasks.TASKS has one factory for each (tested)
 
 
 @dataclass
 class ModelConfig:
     kind: str = "embedded"
-    """Policy adapter: 'embedded' (tiny FLUX-architecture model on the digits), 'flux' or 'sd3' (diffusers)."""
+    """Policy adapter: 'embedded' (tiny FLUX-architecture model on the digits), 'flux', 'sd3' or 'qwen-image'
+    (diffusers)."""
     checkpoint: Optional[str] = None
     """Base weights (a .safetensors file or a run directory); None = the shipped base model."""
     pretrained: Optional[str] = None
-    """Diffusers pipeline of kind 'flux' / 'sd3': a hub id (black-forest-labs/FLUX.1-dev) or a local folder.
-    Training loads only its transformer and VAE; the text encoders run once, in ``egrpo preprocess``."""
+    """Diffusers pipeline of kind 'flux' / 'sd3' / 'qwen-image': a hub id (black-forest-labs/FLUX.1-dev) or a
+    local folder. Training loads only its transformer and VAE; the text encoders run once, in ``egrpo preprocess``."""
     embedding_cache: Optional[str] = None
-    """Text embeddings of every prompt for 'flux' / 'sd3' (a .safetensors file written by ``egrpo preprocess``)."""
+    """Text embeddings of every prompt for a pipeline (a .safetensors file written by ``egrpo preprocess``)."""
     height: int = 720
-    """Image height in pixels for 'flux' / 'sd3' (the authors' FLUX code: 720)."""
+    """Image height in pixels of a pipeline (the authors' FLUX code: 720)."""
     width: int = 720
-    """Image width in pixels for 'flux' / 'sd3'."""
+    """Image width in pixels of a pipeline."""
     guidance: Optional[float] = None
     """FLUX: embedded guidance (None = 3.5; ignored by transformers without guidance embeddings).
-    SD3: true classifier-free guidance scale (None = 4.5 as in Flow-GRPO; 1 = no unconditional branch)."""
+    SD3: true classifier-free guidance scale (None = 4.5 as in Flow-GRPO; 1 = no unconditional branch).
+    Qwen-Image: QwenImagePipeline's ``true_cfg_scale`` with its norm rescale (None = 4 as its authors and Flow-GRPO;
+    1 = no negative branch)."""
+    negative_prompt: Optional[str] = None
+    """The negative prompt of true classifier-free guidance (SD3, Qwen-Image), encoded by ``egrpo preprocess`` into
+    the cache; None = SD3's empty prompt, Qwen-Image's " " (its authors' example)."""
     max_sequence_length: Optional[int] = None
-    """T5 tokens per prompt in the embedding cache; None = the pipeline's default (FLUX 512, SD3 256)."""
+    """Most text tokens per prompt in the embedding cache (T5; Qwen-Image: Qwen2.5-VL, after its template);
+    None = the pipeline's default (FLUX 512, SD3 256, Qwen-Image 512)."""
     device: Optional[str] = None
-    """Where 'flux' / 'sd3' run ('cuda', 'cuda:1', 'cpu'); None = the first GPU if there is one, else the CPU."""
+    """Where a pipeline runs ('cuda', 'cuda:1', 'cpu'); None = the first GPU if there is one, else the CPU."""
     attention_backend: str = "auto"
-    """Scaled-dot-product-attention kernel of 'flux' / 'sd3': 'auto' (on a GPU, the fastest of cudnn, flash,
+    """Scaled-dot-product-attention kernel of a pipeline: 'auto' (on a GPU, the fastest of cudnn, flash,
     efficient and math whose forward and backward run at the model's attention shape, probed once at start and
     printed; on the CPU, torch's choice) or one of them by name (egrpo/attention.py)."""
     dtype: str = "bfloat16"
-    """Compute dtype of 'flux' / 'sd3' on a GPU, 'bfloat16' (autocast; fp32 master weights) or 'float32';
+    """Compute dtype of a pipeline on a GPU, 'bfloat16' (autocast; fp32 master weights) or 'float32';
     on the CPU everything runs in fp32."""
     gradient_checkpointing: bool = False
     """Recompute transformer blocks in the backward pass instead of storing their activations."""
     lora_rank: int = 0
-    """LoRA rank of the 'flux' / 'sd3' transformer (peft); 0 = full fine-tuning."""
+    """LoRA rank of a pipeline's transformer (peft); 0 = full fine-tuning."""
     lora_alpha: float = 64.0
     """LoRA scaling numerator (the update is scaled by alpha / rank; Flow-GRPO: rank 32, alpha 64)."""
     lora_target_modules: Optional[list] = None

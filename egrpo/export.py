@@ -1,6 +1,6 @@
 """``egrpo export``: a run's trained weights in diffusers' own formats, loadable without egrpo.
 
-LoRA runs (FLUX, SD3) become the pipeline's LoRA file, ``pytorch_lora_weights.safetensors``, written by the
+LoRA runs (FLUX, SD3, Qwen-Image) become the pipeline's LoRA file, ``pytorch_lora_weights.safetensors``, written by the
 pipeline's own ``save_lora_weights`` with peft's keys and the adapter's rank, alpha and targets in its
 metadata, so ``pipe.load_lora_weights(DIR)`` applies exactly the trained update. Full fine-tunes and the
 embedded model become a transformer folder, ``DIR/transformer`` (config.json and safetensors shards with their
@@ -35,7 +35,9 @@ EMBEDDED_KIND = "embedded-digits-flux"  # egrpo.embedded.model.DigitsPolicy.arch
 DIFFUSERS = {  # model.kind -> (pipeline, transformer) classes
     "flux": ("FluxPipeline", "FluxTransformer2DModel"),
     "sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
+    "qwen-image": ("QwenImagePipeline", "QwenImageTransformer2DModel"),
 }
+LABELS = {"flux": "FLUX", "sd3": "SD3", "qwen-image": "Qwen-Image", EMBEDDED_KIND: "embedded digits"}
 _DTYPES = {name: dtype for dtype, name in ckpt.SAFETENSORS_DTYPES.items()}
 _PEFT_PREFIX = "base_model.model."  # peft's PeftModel wrapper; diffusers' loaders address the bare transformer
 
@@ -148,7 +150,7 @@ def _checked_arch(source, config: cfg.Config, run: Path) -> dict:
 
 
 def _label(arch: dict) -> str:
-    kind = {"flux": "FLUX", "sd3": "SD3", EMBEDDED_KIND: "embedded digits"}.get(arch.get("kind"), str(arch.get("kind")))
+    kind = LABELS.get(arch.get("kind"), str(arch.get("kind")))
     return f"{kind} LoRA" if arch.get("lora") else kind
 
 
@@ -336,6 +338,8 @@ def _snippet(arch: dict, config: cfg.Config, out: Path) -> str:
     pipeline, transformer = DIFFUSERS[arch["kind"]]
     if arch["kind"] == "flux":
         from egrpo.models.flux import DEFAULT_GUIDANCE
+    elif arch["kind"] == "qwen-image":
+        from egrpo.models.qwen_image import DEFAULT_GUIDANCE
     else:
         from egrpo.models.sd3 import DEFAULT_GUIDANCE
     guidance = DEFAULT_GUIDANCE if config.model.guidance is None else config.model.guidance
@@ -357,4 +361,9 @@ def _snippet(arch: dict, config: cfg.Config, out: Path) -> str:
             "torch_dtype=torch.bfloat16)",
         ]
     call = f"guidance_scale={guidance:g}, height={config.model.height}, width={config.model.width}"  # as trained
+    if arch["kind"] == "qwen-image":  # true CFG runs only with a negative prompt
+        from egrpo.models.text_cache import negative_prompt
+
+        call = (f"negative_prompt={negative_prompt(config.model)!r}, true_cfg_scale={guidance:g}, "
+                f"height={config.model.height}, width={config.model.width}")
     return "\n".join([*lines, f'image = pipe("a photo of a cat", {call}).images[0]'])

@@ -59,13 +59,11 @@ def transformer_inputs(transformer_class: str, config: Mapping, height: int, wid
                        batch: int = 1, vae_scale_factor: int = 8) -> dict[str, torch.Tensor]:
     """Meta tensors of the shapes a FLUX or SD3 pipeline passes its transformer for ``height`` x ``width``
     images: FLUX's latent packed into 2x2 patches (one token each), SD3's latent as an image it patchifies."""
-    b, text, pooled = batch, config["joint_attention_dim"], config["pooled_projection_dim"]
+    b, text, pooled = batch, config["joint_attention_dim"], config.get("pooled_projection_dim")
     with torch.device("meta"):
-        inputs = {
-            "timestep": torch.zeros(b),
-            "encoder_hidden_states": torch.zeros(b, text_tokens, text),
-            "pooled_projections": torch.zeros(b, pooled),
-        }
+        inputs = {"timestep": torch.zeros(b), "encoder_hidden_states": torch.zeros(b, text_tokens, text)}
+        if pooled is not None:
+            inputs["pooled_projections"] = torch.zeros(b, pooled)
         if transformer_class == "FluxTransformer2DModel":
             tokens = (height // (2 * vae_scale_factor)) * (width // (2 * vae_scale_factor))
             inputs.update(hidden_states=torch.zeros(b, tokens, config["in_channels"]),
@@ -75,8 +73,13 @@ def transformer_inputs(transformer_class: str, config: Mapping, height: int, wid
         elif transformer_class == "SD3Transformer2DModel":
             latent = (config["in_channels"], height // vae_scale_factor, width // vae_scale_factor)
             inputs["hidden_states"] = torch.zeros(b, *latent)
+        elif transformer_class == "QwenImageTransformer2DModel":  # FLUX's packing; a text mask, no pooled text
+            rows, cols = height // (2 * vae_scale_factor), width // (2 * vae_scale_factor)
+            inputs.update(hidden_states=torch.zeros(b, rows * cols, config["in_channels"]),
+                          encoder_hidden_states_mask=torch.ones(b, text_tokens, dtype=torch.bool),
+                          img_shapes=[[(1, rows, cols)]] * b)
         else:
-            raise ValueError(f"no inputs known for {transformer_class}: FLUX or SD3 transformers only")
+            raise ValueError(f"no inputs known for {transformer_class}: FLUX, SD3 or Qwen-Image transformers only")
     return inputs
 
 
@@ -106,11 +109,14 @@ def transformer_flops(transformer_class: str, config: Mapping, height: int, widt
 
 
 def policy_flops(policy, backward: bool = True) -> TransformerFlops:
-    """FLOPs per latent of a FLUX or SD3 policy's ``velocity`` (``batch`` 1), as configured: resolution, the
-    embedding cache's text length, LoRA, gradient checkpointing. SD3 under classifier-free guidance runs the
-    transformer on two samples a latent (the prompt and the empty prompt), so its count is of batch 2."""
+    """FLOPs per latent of a FLUX, SD3 or Qwen-Image policy's ``velocity`` (``batch`` 1), as configured: resolution,
+    the embedding cache's text length, LoRA, gradient checkpointing. SD3 and Qwen-Image under classifier-free
+    guidance run the transformer on two samples a latent (the prompt and the negative prompt), so their count is of
+    batch 2."""
     settings = policy.settings
-    samples = 2 if policy.kind == "sd3" and getattr(policy, "guidance", 1.0) != 1.0 else 1
+    from egrpo.models.text_cache import DEFAULT_NEGATIVE_PROMPT  # the kinds with true CFG
+
+    samples = 2 if policy.kind in DEFAULT_NEGATIVE_PROMPT and getattr(policy, "guidance", 1.0) != 1.0 else 1
     counted = transformer_flops(
         policy.transformer_class, policy.transformer_config, settings.height, settings.width,
         policy.cache.text_shape[0], samples, policy.vae_scale_factor, settings.lora_rank,

@@ -95,5 +95,5 @@ def test_sd3_counts_and_policy_flops_count_cfg_as_two_samples():
     assert flops.policy_flops(policy(1.0)) == one
     guided = flops.policy_flops(policy(4.5))
     assert (guided.batch, guided.forward, guided.forward_backward) == (1, 2 * one.forward, 2 * one.forward_backward)
-    with pytest.raises(ValueError, match="FLUX or SD3"):
+    with pytest.raises(ValueError, match="FLUX, SD3 or Qwen-Image"):
         flops.transformer_inputs("UNet2DConditionModel", sd3, 64, 64, 10)

@@ -1,4 +1,4 @@
-"""What the FLUX and SD3 policies share: the transformer and VAE of a diffusers pipeline, LoRA or full
+"""What the FLUX, SD3 and Qwen-Image policies share: the transformer and VAE of a diffusers pipeline, LoRA or full
 fine-tuning, the reference network, mixed precision, prompts from the embedding cache, and decoding.
 
 Weights: full fine-tuning keeps fp32 master weights and computes under bf16 autocast on a GPU (the
@@ -21,7 +21,7 @@ from torch import nn
 from egrpo.config import ModelConfig
 from egrpo.devices import resolve_device
 from egrpo.errors import ConfigError
-from egrpo.models.text_cache import EmbeddingCache, compute_dtype, load_error
+from egrpo.models.text_cache import EmbeddingCache, compute_dtype, load_error, negative_prompt
 from egrpo.policy import Cond
 
 # Flow-GRPO's LoRA targets: the q/k/v/out projections of both streams of the joint attention.
@@ -95,10 +95,11 @@ def transformer_files(model: ModelConfig) -> list[Path]:
 
 
 class PipelinePolicy:
-    """Base of the FLUX and SD3 adapters (see :class:`egrpo.policy.Policy`); subclasses define the latent
-    layout (``latent_shape``, ``_vae_latents``) and the network call (``velocity``)."""
+    """Base of the FLUX, SD3 and Qwen-Image adapters (see :class:`egrpo.policy.Policy`); subclasses define the
+    latent layout (``latent_shape``, ``_vae_latents``) and the network call (``velocity``)."""
 
     kind: str
+    vae_class = "AutoencoderKL"  # the diffusers class of the pipeline's VAE
 
     def __init__(self, model: ModelConfig, transformer: nn.Module, vae: nn.Module, cache: EmbeddingCache):
         self.settings = model
@@ -107,7 +108,7 @@ class PipelinePolicy:
         self.cache = cache
         self._check_cache(transformer)
         self.vae = vae.to(self.device).eval().requires_grad_(False)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self._vae_scale_factor(vae)
         self.transformer_config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
         if model.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -149,7 +150,7 @@ class PipelinePolicy:
                 transformer = transformer_class.from_pretrained(
                     model.pretrained, subfolder="transformer", torch_dtype=cls.weight_dtype(model)
                 )
-            vae = diffusers.AutoencoderKL.from_pretrained(model.pretrained, subfolder="vae")
+            vae = getattr(diffusers, cls.vae_class).from_pretrained(model.pretrained, subfolder="vae")
         except OSError as exc:
             raise load_error(model, f"{cls.transformer_class} / VAE", exc) from None
         return cls(model, transformer, vae, cache)
@@ -171,11 +172,18 @@ class PipelinePolicy:
             )
         config = transformer.config
         widths = (self.cache.text_shape[1], self.cache.pooled_dim)
-        if widths != (config.joint_attention_dim, config.pooled_projection_dim):
+        expected = (config.joint_attention_dim, config.get("pooled_projection_dim"))
+        if widths != expected:
             raise ConfigError(
                 f"model.embedding_cache {self.cache.path} holds embeddings of width {self.cache.text_shape[1]} / "
-                f"{self.cache.pooled_dim}, but the transformer expects {config.joint_attention_dim} / "
-                f"{config.pooled_projection_dim}: it was built from another model; rebuild it with egrpo preprocess"
+                f"{self.cache.pooled_dim}, but the transformer expects {expected[0]} / {expected[1]}: it was built "
+                "from another model; rebuild it with egrpo preprocess"
+            )
+        negative = negative_prompt(self.settings)
+        if negative is not None and self.cache.negative_prompt != negative:
+            raise ConfigError(
+                f"model.negative_prompt is {negative!r}, but the embedding cache {self.cache.path} encodes "
+                f"{self.cache.negative_prompt!r}; rebuild it with egrpo preprocess or set model.negative_prompt to that"
             )
 
     # ---- the Policy protocol --------------------------------------------------------------------
@@ -200,29 +208,28 @@ class PipelinePolicy:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images on the CPU, in fp32: the trainer saves and plots them, and each reward moves them to its device."""
-        scaling = self.vae.config.scaling_factor
-        shift = self.vae.config.shift_factor or 0.0
         images = []
         for chunk in latents.split(self.settings.decode_batch):
-            z = self._vae_latents(chunk.to(self.device, torch.float32)) / scaling + shift
+            z = self._vae_latents(chunk.to(self.device, torch.float32))
             with self.autocast():
-                pixels = self.vae.decode(z, return_dict=False)[0]
+                pixels = self._vae_decode(z)
             images.append(((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu())
         return torch.cat(images).contiguous()  # the VAE may answer channels-last; safetensors wants contiguous
 
     # ---- helpers of the subclasses --------------------------------------------------------------
-    def choose_attention(self, tokens: int) -> None:
+    def choose_attention(self, tokens: int, masked: bool = False) -> None:
         """Pick the attention kernel (model.attention_backend) at this model's shape: ``tokens`` image + text tokens
         of one sample. cuDNN's fused attention failed in the backward pass ("mha_graph.execute ... is_good()") on
         FLUX.1-dev's 2,537-token sequences once (torch 2.11 + CUDA 13, H100, 2026-11-27) and ran on an H200: 'auto'
-        runs forward and backward at exactly these shapes before choosing, so a kernel that fails here is never used."""
+        runs forward and backward at exactly these shapes before choosing, so a kernel that fails here is never used.
+        ``masked``: the transformer passes a key mask (Qwen-Image's text padding), which some kernels cannot take."""
         from egrpo import attention
 
         config = self.transformer_config
         shape = (1, config["num_attention_heads"], tokens, config["attention_head_dim"])
         deterministic = torch.are_deterministic_algorithms_enabled()
         self.attention_backend, self.attention_choice = attention.choose(
-            self.settings.attention_backend, shape, self.dtype, self.device, deterministic
+            self.settings.attention_backend, shape, self.dtype, self.device, deterministic, masked
         )
         if int(os.environ.get("RANK", "0")) == 0 and self.attention_backend is not None:
             print(self.attention_choice, flush=True)
@@ -253,3 +260,12 @@ class PipelinePolicy:
     def _vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, *latent_shape) -> the VAE's (B, C, h, w)."""
         raise NotImplementedError
+
+    @staticmethod
+    def _vae_scale_factor(vae: nn.Module) -> int:
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents (``_vae_latents``) -> pixels in [-1, 1], undoing the pipeline's latent scaling."""
+        config = self.vae.config
+        return self.vae.decode(z / config.scaling_factor + (config.shift_factor or 0.0), return_dict=False)[0]
