@@ -348,3 +348,17 @@ def test_flops_count_both_branches_of_the_guidance(root):
 def test_bad_settings_are_refused_with_what_to_do(root, overrides, message):
     with pytest.raises(cfg.ConfigError, match=message):
         policy_of(root, *overrides)
+
+
+def test_shipped_config_uses_qwen_images_own_shift_at_its_resolution():
+    """qwen-image-hps's static shift is exp(mu) of Qwen-Image's scheduler (base 256 tokens / 0.5, max 8192 / 0.9, the
+    values of Qwen/Qwen-Image's scheduler_config.json) at the config's resolution."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    config = cfg.load("qwen-image-hps")
+    model = config.model
+    assert (model.kind, model.pretrained, model.guidance, model.negative_prompt) == ("qwen-image", "Qwen/Qwen-Image",
+                                                                                     4.0, " ")
+    assert (model.lora_rank, model.lora_alpha, config.train.lr) == (32, 64.0, 3e-4)
+    tokens = (model.height // 16) * (model.width // 16)  # VAE factor 8, 2x2 packing
+    assert config.sampling.shift == pytest.approx(math.exp(calculate_shift(tokens, 256, 8192, 0.5, 0.9)), abs=1e-4)
