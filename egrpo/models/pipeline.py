@@ -146,6 +146,7 @@ class PipelinePolicy:
                 config = transformer_class.load_config(model.pretrained, subfolder="transformer")
                 with torch.device("meta"):
                     transformer = transformer_class.from_config(config).to(cls.weight_dtype(model))
+                cls._rebuild_unsaved_state(transformer)
             else:
                 transformer = transformer_class.from_pretrained(
                     model.pretrained, subfolder="transformer", torch_dtype=cls.weight_dtype(model)
@@ -260,6 +261,11 @@ class PipelinePolicy:
     def _vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, *latent_shape) -> the VAE's (B, C, h, w)."""
         raise NotImplementedError
+
+    @staticmethod
+    def _rebuild_unsaved_state(transformer: nn.Module) -> None:
+        """Rebuild, off the meta device, the tensors of a meta-built transformer that no weight file holds (outside
+        its state dict): nothing would fill them. FLUX and SD3 keep none."""
 
     @staticmethod
     def _vae_scale_factor(vae: nn.Module) -> int:

@@ -76,6 +76,13 @@ class QwenImagePolicy(PipelinePolicy):
         self.choose_attention(rows * cols + cache.text_shape[0], masked=True)
 
     @staticmethod
+    def _rebuild_unsaved_state(transformer: nn.Module) -> None:
+        # QwenEmbedRope keeps its RoPE tables as plain attributes (a buffer would lose the imaginary part of the
+        # complex tensors, diffusers notes), so they are in no state dict: built on meta they would stay empty.
+        rope = transformer.pos_embed
+        transformer.pos_embed = type(rope)(theta=rope.theta, axes_dim=rope.axes_dim, scale_rope=rope.scale_rope)
+
+    @staticmethod
     def _vae_scale_factor(vae: nn.Module) -> int:
         return 2 ** len(vae.config.temperal_downsample)  # as QwenImagePipeline: the spatial halvings
 
