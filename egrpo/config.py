@@ -592,6 +592,9 @@ def validate(config: Config) -> None:
         (0 <= config.eval.seed < 2**32, f"eval.seed must be in [0, 2**32), got {config.eval.seed}"),
         (config.model.kind in MODEL_KINDS,
          f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {config.model.kind!r}"),
+        (config.model.negative_prompt is None or config.model.kind in ("sd3", "qwen-image"),
+         f"model.negative_prompt is for the true classifier-free guidance of model.kind sd3 or qwen-image; "
+         f"model.kind={config.model.kind!r} runs none: remove it"),
         (p.merge_lengths is None or all(type(n) is int for n in p.merge_lengths),
          f"plan.merge_lengths must be whole numbers of steps, got {p.merge_lengths}"),
         (isinstance(p.active_steps, str) or all(type(n) is int for n in p.active_steps),

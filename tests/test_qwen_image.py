@@ -388,6 +388,11 @@ def test_bad_settings_are_refused_with_what_to_do(root, overrides, message):
         policy_of(root, *overrides)
 
 
+def test_a_negative_prompt_without_true_cfg_is_refused():
+    with pytest.raises(cfg.ConfigError, match=r"model.negative_prompt is for .* model.kind='flux' runs none"):
+        cfg.load("flux-dev-hps", ["model.negative_prompt=blurry"])
+
+
 def test_shipped_config_uses_qwen_images_own_shift_at_its_resolution():
     """qwen-image-hps's static shift is exp(mu) of Qwen-Image's scheduler (base 256 tokens / 0.5, max 8192 / 0.9, the
     values of Qwen/Qwen-Image's scheduler_config.json) at the config's resolution."""
