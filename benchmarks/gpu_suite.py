@@ -59,7 +59,11 @@ SIZES = {
                  joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, patch_size=2,
                  sample_size=32, pos_embed_max_size=96),
         vae=dict(block_out_channels=(32, 32, 32, 32), latent_channels=16, norm_num_groups=8, layers_per_block=1),
-        text_tokens=dict(flux=512, sd3=333), resolution=256, group_size=4, reward_width=64,
+        qwen_image=dict(num_layers=2, num_attention_heads=8, attention_head_dim=128, in_channels=64, out_channels=16,
+                        joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+        qwen_vae=dict(base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                      temperal_downsample=[False, True, True]),
+        text_tokens={"flux": 512, "sd3": 333, "qwen-image": 64}, resolution=256, group_size=4, reward_width=64,
     ),
     "tiny": dict(
         flux=dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, in_channels=16,
@@ -68,7 +72,10 @@ SIZES = {
                  joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, patch_size=2,
                  sample_size=16, pos_embed_max_size=16),
         vae=dict(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, layers_per_block=1),
-        text_tokens=dict(flux=8, sd3=8), resolution=32, group_size=2, reward_width=32,
+        qwen_image=dict(num_layers=1, num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=4,
+                        joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
+        qwen_vae=dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False]),
+        text_tokens={"flux": 8, "sd3": 8, "qwen-image": 8}, resolution=32, group_size=2, reward_width=32,
     ),
 }
 TRAIN_PROMPTS = ["a red cat", "a blue dog", "a photo of a cat", "a drawing of a dog"]
@@ -85,6 +92,8 @@ def build_pipeline(root: Path, kind: str, size: dict) -> None:
     from egrpo.models.text_cache import write_cache
 
     torch.manual_seed(0)
+    if kind == "qwen-image":
+        return build_qwen_image(root, size)
     blocks = len(size["vae"]["block_out_channels"])
     vae = diffusers.AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
@@ -104,6 +113,31 @@ def build_pipeline(root: Path, kind: str, size: dict) -> None:
         extra = {"uncond_text": torch.randn(1, *rows[0].shape[1:]).bfloat16(),
                  "uncond_pooled": torch.randn(1, pooled).bfloat16()}
     write_cache(root / "cache.safetensors", kind, prompts, [tuple(t.bfloat16() for t in rows)], extra)
+    (root / "train.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
+    (root / "eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
+
+
+def build_qwen_image(root: Path, size: dict) -> None:
+    """Qwen-Image's transformer and VAE, and a cache of its layout: padded text rows with their masks (prompts of
+    different lengths), and the negative prompt's for its true CFG."""
+    import diffusers
+
+    from egrpo.models.text_cache import write_cache
+
+    z = size["qwen_vae"]["z_dim"]
+    vae = diffusers.AutoencoderKLQwenImage(latents_mean=[0.1] * z, latents_std=[2.0] * z, **size["qwen_vae"])
+    diffusers.QwenImageTransformer2DModel(**size["qwen_image"]).save_pretrained(root / "transformer")
+    vae.save_pretrained(root / "vae")
+    prompts = TRAIN_PROMPTS + EVAL_PROMPTS
+    tokens, width = size["text_tokens"]["qwen-image"], size["qwen_image"]["joint_attention_dim"]
+    lengths = torch.tensor([tokens - i % (tokens // 2) for i in range(len(prompts))])
+    mask = (torch.arange(tokens) < lengths[:, None]).float()
+    text = torch.randn(len(prompts), tokens, width) * mask[..., None]
+    negative_mask = (torch.arange(tokens) < 3).float()[None]
+    extra = {"uncond_text": (torch.randn(1, tokens, width) * negative_mask[..., None]).bfloat16(),
+             "uncond_text_mask": negative_mask.bfloat16()}
+    write_cache(root / "cache.safetensors", "qwen-image", prompts, [(text.bfloat16(), mask.bfloat16())], extra,
+                negative=" ")
     (root / "train.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
     (root / "eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
 
@@ -390,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         suite = Suite(work, args.device, args.tiny, Path(args.out))
-        for kind in ("flux", "sd3"):
+        for kind in ("flux", "sd3", "qwen-image"):
             build_pipeline(work / kind, kind, suite.size)
         build_clip_tokenizer(work / "clip_tokenizer")
         build_clip_model(work / "clip_model", work / "clip_tokenizer", suite.size["reward_width"])
@@ -405,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
                 checks.append((f"{kind}/egrpo-fast/{solver}", partial(
                     suite.train, kind, run_name, f"method.completion_solver={solver}", method="egrpo-fast")))
             checks.append((f"{kind}/lora", partial(suite.lora, kind)))
+        # Qwen-Image: the engine is the same; what is its own (masks, CFG rescale, its VAE) runs in these three
+        for method in ("egrpo", "egrpo-fast"):
+            checks.append((f"qwen-image/{method}", partial(suite.train, "qwen-image", f"qwen-image-{method}",
+                                                           method=method)))
+        checks.append(("qwen-image/lora", partial(suite.lora, "qwen-image")))
         checks += [
             ("torchrun/ddp", partial(suite.distributed, "ddp")),
             ("torchrun/fsdp", partial(suite.distributed, "fsdp")),

@@ -375,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="config overrides, e.g. model.pretrained=PATH when the base pipeline has moved")
     exp.set_defaults(func=cmd_export)
 
-    prep = sub.add_parser("preprocess", help="encode prompt files once into the text-embedding cache (FLUX, SD3)")
+    prep = sub.add_parser("preprocess",
+                          help="encode prompt files once into the text-embedding cache (FLUX, SD3, Qwen-Image)")
     prep.add_argument("config", nargs="?", help="the training config (its model.kind and model.pretrained)")
     prep.add_argument("overrides", nargs="*", help=overrides_help)
     prep.add_argument(
