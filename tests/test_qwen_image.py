@@ -405,3 +405,15 @@ def test_shipped_config_uses_qwen_images_own_shift_at_its_resolution():
     assert (model.lora_rank, model.lora_alpha, config.train.lr) == (32, 64.0, 3e-4)
     tokens = (model.height // 16) * (model.width // 16)  # VAE factor 8, 2x2 packing
     assert config.sampling.shift == pytest.approx(math.exp(calculate_shift(tokens, 256, 8192, 0.5, 0.9)), abs=1e-4)
+
+
+def test_a_cache_of_another_width_is_refused(root, tmp_path):
+    from egrpo.models.text_cache import write_cache
+
+    other = tmp_path / "other.safetensors"
+    rows = (torch.randn(len(TRAIN), 4, 16), torch.ones(len(TRAIN), 4))
+    write_cache(other, "qwen-image", TRAIN, [rows], {"uncond_text": torch.zeros(1, 4, 16),
+                                                       "uncond_text_mask": torch.ones(1, 4)}, negative=" ")
+    with pytest.raises(cfg.ConfigError, match=r"holds embeddings of width 16, but the transformer expects 32: .* "
+                                              r"rebuild it with egrpo preprocess"):
+        policy_of(root, f"model.embedding_cache={other}")

@@ -175,10 +175,13 @@ class PipelinePolicy:
         widths = (self.cache.text_shape[1], self.cache.pooled_dim)
         expected = (config.joint_attention_dim, config.get("pooled_projection_dim"))
         if widths != expected:
+            def describe(text: int, pooled: int | None) -> str:
+                return f"{text}" if pooled is None else f"{text} / {pooled}"
+
             raise ConfigError(
-                f"model.embedding_cache {self.cache.path} holds embeddings of width {self.cache.text_shape[1]} / "
-                f"{self.cache.pooled_dim}, but the transformer expects {expected[0]} / {expected[1]}: it was built "
-                "from another model; rebuild it with egrpo preprocess"
+                f"model.embedding_cache {self.cache.path} holds embeddings of width {describe(*widths)}, but the "
+                f"transformer expects {describe(*expected)}: it was built from another model; rebuild it with "
+                "egrpo preprocess"
             )
         negative = negative_prompt(self.settings)
         if negative is not None and self.cache.negative_prompt != negative:
