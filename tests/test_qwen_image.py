@@ -406,6 +406,18 @@ def test_shipped_config_uses_qwen_images_own_shift_at_its_resolution():
     tokens = (model.height // 16) * (model.width // 16)  # VAE factor 8, 2x2 packing
     assert config.sampling.shift == pytest.approx(math.exp(calculate_shift(tokens, 256, 8192, 0.5, 0.9)), abs=1e-4)
 
+    # what is left (docs/flux-sd3.md): Qwen-Image's scheduler also stretches its grid to shift_terminal 0.02
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192,
+                                                max_shift=0.9, shift=1.0, shift_terminal=0.02,
+                                                time_shift_type="exponential", use_dynamic_shifting=True)
+    steps = config.sampling.num_steps
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(tokens, 256, 8192, 0.5, 0.9))
+    gap = (scheduler.sigmas.double() - time_grid(steps, config.sampling.shift)).abs()
+    assert gap[:9].max() == pytest.approx(0.034, abs=5e-4) and gap[-2] == pytest.approx(0.083, abs=5e-4)
+
 
 def test_a_cache_of_another_width_is_refused(root, tmp_path):
     from egrpo.models.text_cache import write_cache
