@@ -316,6 +316,10 @@ def test_export_loads_in_qwen_image_pipeline(root, lora, tmp_path):
     assert (diffusers_velocity(base, policy, x, sigma, cond) - expected).abs().max() > 1e-3
     card = (out / "README.md").read_text()
     assert "QwenImagePipeline" in card and "true_cfg_scale=4" in card and "negative_prompt=' '" in card
+    # the card's loading snippet, run as a user pastes it (fp32: bf16 on a CPU is slow and beside the point)
+    scope = {}
+    exec(card.split("```python\n")[1].split("```")[0].replace("torch.bfloat16", "torch.float32"), scope)
+    assert scope["image"].size == (SIZE, SIZE)
 
 
 def test_meta_build_reads_exactly_the_pretrained_weights(root):
