@@ -252,6 +252,12 @@ def test_training_from_the_config_with_the_first_ratio_exactly_1(root, lora, tmp
     out = tmp_path / "sample.png"
     assert main(["sample", "--checkpoint", str(run), "--prompt", EVAL[0], "--num", "2", "--out", str(out)]) == 0
     assert out.is_file()
+    if lora:  # egrpo eval: 'base' beside the run is this pipeline's base, scored on the trainer's own seeds
+        summary = json.loads((run / "summary.json").read_text())
+        assert main(["eval", "base", str(run), "--out", str(tmp_path / "eval")]) == 0
+        rows = json.loads((tmp_path / "eval" / "eval.json").read_text())
+        for name, key in (("base", "base"), (str(run), "final")):
+            assert rows[name]["reward"] == pytest.approx(summary[key]["reward"], abs=1e-5)
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(root, tmp_path):
