@@ -39,9 +39,10 @@ there (--peer-repeats 1: under 2).
     python benchmarks/gpu_smoke.py --device cpu --tiny [--flux-dev-size]     # a tiny model: either path on a CPU
 
 --qwen-image-size: the same reduced-plan run on the true Qwen-Image transformer (60 blocks, 24 heads x 128,
-20.4B parameters: 40.9 GB in bf16) and VAE (127M), LoRA rank 32, at qwen-image-hps's rollout (512x512, T 16, G 12,
-shift 1.7138, true CFG 4: two rows a latent), prompts of 51 to 128 text tokens with their masks; its peer is
-QwenImagePipeline's loop (embeddings, masks and the negative prompt's passed in). Not yet run on a GPU.
+20.4B parameters: 40.9 GB in bf16) and VAE (127M), LoRA rank 32, at qwen-image-hps's rollout (512x512, T 16,
+G 12, shift 1.7138 and terminal 0.02, true CFG 4: two rows a latent), prompts of 51 to 128 text tokens with
+their masks; its peer is QwenImagePipeline's loop (embeddings, masks and the negative prompt's passed in).
+Not yet run on a GPU.
 
     python benchmarks/gpu_smoke.py --qwen-image-size --out qwen_image.json   # Qwen-Image size, on a GPU
     python benchmarks/gpu_smoke.py --device cpu --tiny --qwen-image-size     # its tiny twin on a CPU
@@ -106,7 +107,7 @@ QWEN_IMAGE = dict(
                      joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
     vae=dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]),
     text_tokens=128, resolution=512, num_steps=16, group_size=12, active_steps="first-half", max_batch=24,
-    measured_steps="first:2", shift=1.7138, guidance=4.0,
+    measured_steps="first:2", shift=1.7138, shift_terminal=0.02, guidance=4.0,
 )
 QWEN_TINY = dict(
     kind="qwen-image",
@@ -115,7 +116,7 @@ QWEN_TINY = dict(
     vae=dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
              latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0]),
     text_tokens=8, resolution=32, num_steps=4, group_size=2, active_steps="first:2", max_batch=24,
-    measured_steps="first:1", shift=1.6328, guidance=4.0,
+    measured_steps="first:1", shift=1.6328, shift_terminal=0.02, guidance=4.0,
 )
 TRAIN_PROMPTS = [f"smoke prompt {i}" for i in range(8)]
 EVAL_PROMPTS = ["held-out prompt"]
@@ -183,6 +184,7 @@ def overrides(root: Path, size: dict, device: str, lora_rank: int, active_steps:
         f"model.kind={size.get('kind', 'flux')}", f"model.pretrained={root}",
         f"model.embedding_cache={root / 'cache.safetensors'}", f"sampling.shift={size.get('shift', 3.0)}",
         *([f"model.guidance={size['guidance']}"] if "guidance" in size else []),
+        *([f"sampling.shift_terminal={size['shift_terminal']}"] if "shift_terminal" in size else []),
         f"model.height={size['resolution']}", f"model.width={size['resolution']}", f"model.device={device}",
         "model.dtype=bfloat16", "model.gradient_checkpointing=true", f"model.lora_rank={lora_rank}",
         f"sampling.num_steps={size['num_steps']}", f"plan.active_steps={active_steps}",
@@ -309,12 +311,15 @@ def flux_pipeline(trainer: Trainer):
 
 def qwen_image_pipeline(trainer: Trainer):
     """A QwenImagePipeline around the trainer's transformer and VAE, without its text encoder, whose scheduler
-    shifts by egrpo's static ``sampling.shift`` (the pipeline's mu is then ignored), so its grid is egrpo's."""
+    shifts by egrpo's static ``sampling.shift`` (the pipeline's mu is then ignored) and stretches to its
+    ``sampling.shift_terminal``, so its grid is egrpo's."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
     policy = trainer.policy
     transformer = trainer.model.get_base_model() if policy.lora else trainer.model
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=trainer.config.sampling.shift, use_dynamic_shifting=False)
+    sampling = trainer.config.sampling
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=sampling.shift, shift_terminal=sampling.shift_terminal,
+                                                use_dynamic_shifting=False)
     pipe = QwenImagePipeline(scheduler=scheduler, vae=policy.vae, text_encoder=None, tokenizer=None,
                              transformer=transformer)
     pipe.set_progress_bar_config(disable=True)

@@ -121,7 +121,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     p = config.plan
     rule = f"tau = {p.tau}" if p.merge == "adaptive" else p.merge
-    print(f"T={plan.num_steps} shift={plan.shift} eta={plan.eta} merge: {rule}  (H = exp. entropy per dimension)")
+    shift = f"{plan.shift} (terminal {plan.shift_terminal})" if plan.shift_terminal is not None else f"{plan.shift}"
+    print(f"T={plan.num_steps} shift={shift} eta={plan.eta} merge: {rule}  (H = exp. entropy per dimension)")
     print(f"{'step':>4} {'sigma':>7} {'dt':>8} {'H(i,1)':>7} {'l':>3} {'H(i,l)':>7}")
     for row in plan.table():
         merged = f"{row['merge_length']:>3} {row['merged_entropy']:>7.3f}" if row["active"] else f"{'-':>3} {'-':>7}"

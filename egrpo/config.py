@@ -86,6 +86,9 @@ class SamplingConfig:
     """T, the denoising steps of a rollout (paper: 16)."""
     shift: float = 3.0
     """Time-grid shift s (paper: 3)."""
+    shift_terminal: Optional[float] = None
+    """Stretch the shifted grid so that its last point before 0 is this sigma, as diffusers' scheduler does with
+    ``shift_terminal`` (Qwen-Image's: 0.02); None = no stretch (FLUX, SD3)."""
     eta: float = 0.7
     """SDE noise level a of std_t = a sqrt(sigma / (1 - sigma)) (paper: 0.7)."""
     noise: str = "flow"
@@ -579,6 +582,8 @@ def validate(config: Config) -> None:
     checks = [
         (s.num_steps >= 2, f"sampling.num_steps must be >= 2 (a step to branch and one to finish), got {s.num_steps}"),
         (s.shift > 0, "sampling.shift must be > 0"),
+        (s.shift_terminal is None or 0 < s.shift_terminal < 1,
+         f"sampling.shift_terminal must be in (0, 1) or null, got {s.shift_terminal}"),
         (s.eta >= 0, "sampling.eta must be >= 0"),
         (s.noise in ("flow", "dance"), f"sampling.noise must be 'flow' or 'dance', got {s.noise!r}"),
         (p.tau >= 0, f"plan.tau must be >= 0 (0 disables merging), got {p.tau}"),

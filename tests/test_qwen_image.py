@@ -79,10 +79,11 @@ def save_tiny_qwen_image(root: Path) -> None:
 
     torch.manual_seed(0)
     tokenizer = qwen_tokenizer()
-    # Qwen-Image's scheduler: a shift exp(mu) that grows with the image's tokens (calculate_shift)
+    # Qwen-Image's scheduler config: a shift exp(mu) that grows with the image's tokens (calculate_shift), the
+    # grid stretched to end at 0.02 before 0
     scheduler = FlowMatchEulerDiscreteScheduler(
         base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
-        time_shift_type="exponential", use_dynamic_shifting=True,
+        shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True,
     )
     QwenImagePipeline(
         scheduler=scheduler, vae=tiny_qwen_vae(), text_encoder=qwen_text_encoder(len(tokenizer)), tokenizer=tokenizer,
@@ -108,7 +109,7 @@ def write_config(root: Path) -> Path:
             "kind": "qwen-image", "pretrained": str(root / "pipeline"),
             "embedding_cache": str(root / "cache.safetensors"), "height": SIZE, "width": SIZE, "device": "cpu",
         },
-        "sampling": {"num_steps": 4, "shift": 1.6},
+        "sampling": {"num_steps": 4, "shift": 1.6, "shift_terminal": 0.02},
         "plan": {"active_steps": "first:2"},
         "train": {"iterations": 1, "prompts_per_iteration": 1, "group_size": 2, "lr": 1.0e-3},
         "prompts": {"train": str(root / "train.txt"), "eval": str(root / "eval.txt")},
@@ -186,7 +187,7 @@ def test_sampling_equals_the_pipelines_own_loop(root, pipe, guidance):
     the prompt strings (it encodes them itself) and the negative prompt, at the same sigmas, noise and guidance."""
     shift = pipeline_shift(pipe)
     policy = policy_of(root, f"model.guidance={guidance}")
-    sigmas = time_grid(4, shift)
+    sigmas = time_grid(4, shift, terminal=0.02)
     noise = torch.randn((2, *policy.latent_shape), generator=torch.Generator().manual_seed(0))
     cfg_args = {"negative_prompt": " ", "true_cfg_scale": guidance} if guidance > 1 else {"true_cfg_scale": 1.0}
     with torch.no_grad():
@@ -416,17 +417,25 @@ def test_shipped_config_uses_qwen_images_own_shift_at_its_resolution():
     tokens = (model.height // 16) * (model.width // 16)  # VAE factor 8, 2x2 packing
     assert config.sampling.shift == pytest.approx(math.exp(calculate_shift(tokens, 256, 8192, 0.5, 0.9)), abs=1e-4)
 
-    # what is left (docs/flux-sd3.md): Qwen-Image's scheduler also stretches its grid to shift_terminal 0.02
+    assert config.sampling.shift_terminal == 0.02
+
+
+@pytest.mark.parametrize("steps,size", [(16, 512), (10, 512), (50, 1328), (4, 1024)])
+def test_the_grid_is_qwen_images_scheduler_grid(steps, size):
+    """egrpo's grid with the shift exp(mu) and the terminal stretch equals Qwen-Image's scheduler's sigmas (its
+    scheduler_config.json) as QwenImagePipeline sets them, at the steps of egrpo, Flow-GRPO and the authors."""
     import numpy as np
     from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
     scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192,
                                                 max_shift=0.9, shift=1.0, shift_terminal=0.02,
                                                 time_shift_type="exponential", use_dynamic_shifting=True)
-    steps = config.sampling.num_steps
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(tokens, 256, 8192, 0.5, 0.9))
-    gap = (scheduler.sigmas.double() - time_grid(steps, config.sampling.shift)).abs()
-    assert gap[:9].max() == pytest.approx(0.034, abs=5e-4) and gap[-2] == pytest.approx(0.083, abs=5e-4)
+    mu = calculate_shift((size // 16) ** 2, 256, 8192, 0.5, 0.9)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    torch.testing.assert_close(scheduler.sigmas.double(), time_grid(steps, math.exp(mu), terminal=0.02),
+                               rtol=0, atol=1e-6)
+    assert not torch.allclose(scheduler.sigmas.double(), time_grid(steps, math.exp(mu)), atol=1e-3)
 
 
 def test_a_cache_of_another_width_is_refused(root, tmp_path):
@@ -439,3 +448,8 @@ def test_a_cache_of_another_width_is_refused(root, tmp_path):
     with pytest.raises(cfg.ConfigError, match=r"holds embeddings of width 16, but the transformer expects 32: .* "
                                               r"rebuild it with egrpo preprocess"):
         policy_of(root, f"model.embedding_cache={other}")
+
+
+def test_a_terminal_outside_the_unit_interval_is_refused():
+    with pytest.raises(cfg.ConfigError, match=r"sampling.shift_terminal must be in \(0, 1\) or null, got 1.5"):
+        cfg.load("qwen-image-hps", ["sampling.shift_terminal=1.5"])
