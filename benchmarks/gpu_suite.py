@@ -8,6 +8,7 @@ CLIP / HPS reward weights in their published formats, then runs, each check on i
 - every method, one iteration, on FLUX and on SD3 (full fine-tuning), egrpo-fast with every ODE solver;
 - LoRA on both;
 - ``model.compile`` on both (LoRA, egrpo-fast): inductor compiles the blocks once, the first PPO ratio stays exactly 1;
+- Qwen-Image (2 blocks 1024 wide, 3584-wide masked text, its VAE): E-GRPO, egrpo-fast, LoRA, and compiled;
 - Wan 2.1 text-to-video through the shipped ``wan21-t2v-1.3b-hps`` recipe (a 2-block transformer of Wan 2.1 1.3B's
   width, its video VAE, 9 frames at 128 x 128): full, LoRA, and LoRA with ``model.compile``;
 - ``torchrun --nproc_per_node 1`` with DDP and with FSDP: trained, resumed, exported, and the export loaded
@@ -62,7 +63,11 @@ SIZES = {
                  joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, patch_size=2,
                  sample_size=32, pos_embed_max_size=96),
         vae=dict(block_out_channels=(32, 32, 32, 32), latent_channels=16, norm_num_groups=8, layers_per_block=1),
-        text_tokens=dict(flux=512, sd3=333), resolution=256, group_size=4, reward_width=64,
+        qwen_image=dict(num_layers=2, num_attention_heads=8, attention_head_dim=128, in_channels=64, out_channels=16,
+                        joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+        qwen_vae=dict(base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                      temperal_downsample=[False, True, True]),
+        text_tokens={"flux": 512, "sd3": 333, "qwen-image": 64}, resolution=256, group_size=4, reward_width=64,
         wan=dict(transformer=dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=2,
                                   text_dim=4096),
                  vae={}, text_tokens=512, height=128, width=128, frames=9),
@@ -74,7 +79,10 @@ SIZES = {
                  joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, patch_size=2,
                  sample_size=16, pos_embed_max_size=16),
         vae=dict(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, layers_per_block=1),
-        text_tokens=dict(flux=8, sd3=8), resolution=32, group_size=2, reward_width=32,
+        qwen_image=dict(num_layers=1, num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=4,
+                        joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
+        qwen_vae=dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False]),
+        text_tokens={"flux": 8, "sd3": 8, "qwen-image": 8}, resolution=32, group_size=2, reward_width=32,
         wan=dict(transformer=dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=2, text_dim=32,
                                   rope_max_seq_len=32),
                  vae=dict(base_dim=3, dim_mult=[1, 1, 1, 1], num_res_blocks=1), text_tokens=8, height=32, width=32,
@@ -95,6 +103,8 @@ def build_pipeline(root: Path, kind: str, size: dict) -> None:
     from egrpo.models.text_cache import write_cache
 
     torch.manual_seed(0)
+    if kind == "qwen-image":
+        return build_qwen_image(root, size)
     blocks = len(size["vae"]["block_out_channels"])
     vae = diffusers.AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
@@ -114,6 +124,31 @@ def build_pipeline(root: Path, kind: str, size: dict) -> None:
         extra = {"uncond_text": torch.randn(1, *rows[0].shape[1:]).bfloat16(),
                  "uncond_pooled": torch.randn(1, pooled).bfloat16()}
     write_cache(root / "cache.safetensors", kind, prompts, [tuple(t.bfloat16() for t in rows)], extra)
+    (root / "train.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
+    (root / "eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
+
+
+def build_qwen_image(root: Path, size: dict) -> None:
+    """Qwen-Image's transformer and VAE, and a cache of its layout: padded text rows with their masks (prompts of
+    different lengths), and the negative prompt's for its true CFG."""
+    import diffusers
+
+    from egrpo.models.text_cache import write_cache
+
+    z = size["qwen_vae"]["z_dim"]
+    vae = diffusers.AutoencoderKLQwenImage(latents_mean=[0.1] * z, latents_std=[2.0] * z, **size["qwen_vae"])
+    diffusers.QwenImageTransformer2DModel(**size["qwen_image"]).save_pretrained(root / "transformer")
+    vae.save_pretrained(root / "vae")
+    prompts = TRAIN_PROMPTS + EVAL_PROMPTS
+    tokens, width = size["text_tokens"]["qwen-image"], size["qwen_image"]["joint_attention_dim"]
+    lengths = torch.tensor([tokens - i % (tokens // 2) for i in range(len(prompts))])
+    mask = (torch.arange(tokens) < lengths[:, None]).float()
+    text = torch.randn(len(prompts), tokens, width) * mask[..., None]
+    negative_mask = (torch.arange(tokens) < 3).float()[None]
+    extra = {"uncond_text": (torch.randn(1, tokens, width) * negative_mask[..., None]).bfloat16(),
+             "uncond_text_mask": negative_mask.bfloat16()}
+    write_cache(root / "cache.safetensors", "qwen-image", prompts, [(text.bfloat16(), mask.bfloat16())], extra,
+                negative=" ")
     (root / "train.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
     (root / "eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
 
@@ -430,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         suite = Suite(work, args.device, args.tiny, Path(args.out))
-        for kind in ("flux", "sd3"):
+        for kind in ("flux", "sd3", "qwen-image"):
             build_pipeline(work / kind, kind, suite.size)
         build_clip_tokenizer(work / "clip_tokenizer")
         build_clip_model(work / "clip_model", work / "clip_tokenizer", suite.size["reward_width"])
@@ -448,6 +483,12 @@ def main(argv: list[str] | None = None) -> int:
                     suite.train, kind, run_name, f"method.completion_solver={solver}", method="egrpo-fast")))
             checks.append((f"{kind}/lora", partial(suite.lora, kind)))
             checks.append((f"{kind}/compile", partial(suite.compiled, kind)))
+        # Qwen-Image: the engine is the same; what is its own (masks, CFG rescale, its VAE) runs in these four
+        for method in ("egrpo", "egrpo-fast"):
+            checks.append((f"qwen-image/{method}", partial(suite.train, "qwen-image", f"qwen-image-{method}",
+                                                           method=method)))
+        checks.append(("qwen-image/lora", partial(suite.lora, "qwen-image")))
+        checks.append(("qwen-image/compile", partial(suite.compiled, "qwen-image")))
         checks += [
             ("wan/full", partial(suite.wan, "wan-full", "model.lora_rank=0", "train.lr=1e-5")),
             ("wan/lora", partial(suite.wan, "wan-lora")),

@@ -68,7 +68,7 @@ def write_prompts(root: Path, size: dict) -> None:
     extra = {"uncond_text": torch.randn(1, size["text_tokens"], width).to(torch.bfloat16),
              "uncond_pooled": torch.zeros(1, 0, dtype=torch.bfloat16)}
     write_cache(root / "cache.safetensors", "wan", prompts, [(text, empty)], extra, str(root),
-                {"negative_prompt": ""})
+                negative="")
     (root / "train.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
     (root / "eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
 

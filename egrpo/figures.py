@@ -47,7 +47,7 @@ def _hide_axes(ax) -> None:
 def entropy(config: cfg.Config, out: Path, max_length: int = 6) -> dict:
     """H(i, l) at every step i for l = 1..max_length, tau as a line, the plan's chosen (i, l_i) marked."""
     s, p = config.sampling, config.plan
-    sigmas = time_grid(s.num_steps, s.shift)
+    sigmas = time_grid(s.num_steps, s.shift, s.shift_terminal)
     plan = make_plan(**cfg.plan_kwargs(config))
     curves = {
         l: [step_entropy(sigmas, i, l, s.eta, s.noise) if i + l <= s.num_steps else None for i in range(s.num_steps)]

@@ -57,22 +57,21 @@ def count(module: nn.Module, inputs: Mapping[str, torch.Tensor], backward: bool 
 
 def transformer_inputs(transformer_class: str, config: Mapping, height: int, width: int, text_tokens: int,
                        batch: int = 1, vae_scale_factor: int = 8, latent_frames: int = 1) -> dict[str, torch.Tensor]:
-    """Meta tensors of the shapes a FLUX, SD3 or Wan pipeline passes its transformer for ``height`` x ``width``
-    images: FLUX's latent packed into 2x2 patches (one token each), SD3's latent as an image it patchifies, Wan's
-    video latent of ``latent_frames`` frames, which it patchifies, with the umT5 sequence alone."""
+    """Meta tensors of the shapes a FLUX, SD3, Qwen-Image or Wan pipeline passes its transformer for ``height`` x
+    ``width`` images: FLUX's and Qwen-Image's latents packed into 2x2 patches (one token each), SD3's latent as an
+    image it patchifies, Wan's video latent of ``latent_frames`` frames, which it patchifies, with the umT5 sequence
+    alone."""
     b = batch
     if transformer_class == "WanTransformer3DModel":
         latent = (config["in_channels"], latent_frames, height // vae_scale_factor, width // vae_scale_factor)
         with torch.device("meta"):
             return {"hidden_states": torch.zeros(b, *latent), "timestep": torch.zeros(b),
                     "encoder_hidden_states": torch.zeros(b, text_tokens, config["text_dim"])}
-    text, pooled = config["joint_attention_dim"], config["pooled_projection_dim"]
+    text, pooled = config["joint_attention_dim"], config.get("pooled_projection_dim")
     with torch.device("meta"):
-        inputs = {
-            "timestep": torch.zeros(b),
-            "encoder_hidden_states": torch.zeros(b, text_tokens, text),
-            "pooled_projections": torch.zeros(b, pooled),
-        }
+        inputs = {"timestep": torch.zeros(b), "encoder_hidden_states": torch.zeros(b, text_tokens, text)}
+        if pooled is not None:
+            inputs["pooled_projections"] = torch.zeros(b, pooled)
         if transformer_class == "FluxTransformer2DModel":
             tokens = (height // (2 * vae_scale_factor)) * (width // (2 * vae_scale_factor))
             inputs.update(hidden_states=torch.zeros(b, tokens, config["in_channels"]),
@@ -82,8 +81,14 @@ def transformer_inputs(transformer_class: str, config: Mapping, height: int, wid
         elif transformer_class == "SD3Transformer2DModel":
             latent = (config["in_channels"], height // vae_scale_factor, width // vae_scale_factor)
             inputs["hidden_states"] = torch.zeros(b, *latent)
+        elif transformer_class == "QwenImageTransformer2DModel":  # FLUX's packing; a text mask, no pooled text
+            rows, cols = height // (2 * vae_scale_factor), width // (2 * vae_scale_factor)
+            inputs.update(hidden_states=torch.zeros(b, rows * cols, config["in_channels"]),
+                          encoder_hidden_states_mask=torch.ones(b, text_tokens, dtype=torch.bool),
+                          img_shapes=[[(1, rows, cols)]] * b)
         else:
-            raise ValueError(f"no inputs known for {transformer_class}: FLUX or SD3 (images) and Wan (videos) only")
+            raise ValueError(f"no inputs known for {transformer_class}: FLUX, SD3, Qwen-Image (images) and Wan "
+                             "(videos) only")
     return inputs
 
 
@@ -114,14 +119,12 @@ def transformer_flops(transformer_class: str, config: Mapping, height: int, widt
 
 
 def policy_flops(policy, backward: bool = True) -> TransformerFlops:
-    """FLOPs per latent of a FLUX, SD3 or Wan policy's ``velocity`` (``batch`` 1), as configured: resolution (and
-    Wan's frames), the embedding cache's text length, LoRA, gradient checkpointing. Under true classifier-free
-    guidance (SD3, Wan) the transformer runs on two samples a latent (the prompt and the unconditional branch), so
-    the count is of batch 2."""
+    """FLOPs per latent of a pipeline policy's ``velocity`` (``batch`` 1), as configured: resolution (and Wan's
+    frames), the embedding cache's text length, LoRA, gradient checkpointing. Under true classifier-free guidance
+    (SD3, Qwen-Image, Wan) the transformer runs on two samples a latent (the prompt and the negative prompt), so the
+    count is of batch 2."""
     settings = policy.settings
-    guidance = getattr(policy, "guidance", 1.0)
-    # each pipeline's own rule: SD3's policy guides at any scale but 1, WanPipeline only above 1
-    samples = 2 if (policy.kind == "sd3" and guidance != 1.0) or (policy.kind == "wan" and guidance > 1.0) else 1
+    samples = 2 if policy.true_cfg else 1
     latent_frames = policy.latent_shape[1] if policy.transformer_class == "WanTransformer3DModel" else 1
     counted = transformer_flops(
         policy.transformer_class, policy.transformer_config, settings.height, settings.width,

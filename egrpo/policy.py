@@ -1,7 +1,7 @@
 """What the engine needs from a flow model: velocities, prompt conditioning, and images from latents.
 
 The rollout engine and the trainer only talk to this protocol, so the embedded digits model and the
-FLUX / SD3 / Wan adapters are interchangeable. Conditioning is a plain dict of tensors with a leading batch
+FLUX / SD3 / Qwen-Image / Wan adapters are interchangeable. Conditioning is a plain dict of tensors with a leading batch
 dimension, so the engine can index and repeat it without knowing what is inside.
 """
 

@@ -67,12 +67,16 @@ def test_completion_signal_measures_both_models(tmp_path):
     assert "| stride 4, DPM++(2M) |" in Path(f"{out}.md").read_text()
 
 
-def test_gpu_smoke_flux_dev_path_extrapolates_a_reduced_plan(tmp_path):
-    out = tmp_path / "flux_dev.json"
-    assert _load("gpu_smoke").main(["--flux-dev-size", "--device", "cpu", "--tiny", "--out", str(out)]) == 0
+@pytest.mark.parametrize("flag,kind", [("--flux-dev-size", "flux"), ("--qwen-image-size", "qwen-image")])
+def test_gpu_smoke_true_size_path_extrapolates_a_reduced_plan(tmp_path, flag, kind):
+    """The FLUX.1-dev and Qwen-Image modes, each on its tiny twin: Qwen-Image's peer is QwenImagePipeline's loop with
+    the text masks and true CFG over the negative prompt's embeddings."""
+    out = tmp_path / "true_size.json"
+    assert _load("gpu_smoke").main([flag, "--device", "cpu", "--tiny", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     measured, full = result["measured_plan"], result["full_plan"]
     assert result["extrapolated"] and result["size"] == "tiny" and result["device"] == "cpu"
+    assert result["model"] == kind
     assert 0 < result["trained_params"] < result["transformer_params"]  # LoRA adapters only
     assert measured["trainer_network_calls"] == sum(measured["network_calls"].values())
     assert len(full["active_steps"]) > len(measured["active_steps"])

@@ -27,6 +27,7 @@ def test_every_check_of_the_gpu_suite_passes_at_tiny_sizes_on_the_cpu(tmp_path):
     for kind in ("flux", "sd3"):
         assert {f"{kind}/{m}" for m in METHODS} | {f"{kind}/egrpo-fast/{s}" for s in ODE_SOLVERS} <= set(checks)
         assert f"{kind}/lora" in checks
+    assert {"qwen-image/egrpo", "qwen-image/egrpo-fast", "qwen-image/lora"} <= set(checks)
     assert {"torchrun/ddp", "torchrun/fsdp", "cli/eval+sample+figures-completion", "reward/served-clip",
             "reward/hps-fp16", "wan/full", "wan/lora"} <= set(checks)
     assert checks["torchrun/fsdp"]["iterations"] == 2 and checks["torchrun/fsdp"]["tensors_compared"] > 0

@@ -158,7 +158,7 @@ def test_preprocess_writes_what_the_pipelines_encode_prompt_returns(wan):
     from diffusers import WanPipeline
 
     cache = EmbeddingCache(wan / "cache.safetensors")
-    assert cache.kind == "wan" and cache.prompts == TRAIN + EVAL and cache.metadata["negative_prompt"] == NEGATIVE
+    assert cache.kind == "wan" and cache.prompts == TRAIN + EVAL and cache.negative_prompt == NEGATIVE
     assert cache.pooled_dim == 0 and cache.text_shape == (8, 32)
     pipe = WanPipeline.from_pretrained(wan / "pipeline", transformer=None, vae=None)
     with torch.no_grad():

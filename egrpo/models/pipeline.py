@@ -1,4 +1,4 @@
-"""What the FLUX and SD3 policies share: the transformer and VAE of a diffusers pipeline, LoRA or full
+"""What the FLUX, SD3 and Qwen-Image policies share: the transformer and VAE of a diffusers pipeline, LoRA or full
 fine-tuning, the reference network, mixed precision, prompts from the embedding cache, and decoding.
 
 Weights: full fine-tuning keeps fp32 master weights and computes under bf16 autocast on a GPU (the
@@ -22,7 +22,7 @@ from torch import nn
 from egrpo.config import ModelConfig
 from egrpo.devices import resolve_device
 from egrpo.errors import ConfigError
-from egrpo.models.text_cache import EmbeddingCache, compute_dtype, load_error
+from egrpo.models.text_cache import EmbeddingCache, compute_dtype, load_error, negative_prompt
 from egrpo.policy import Cond
 
 # Flow-GRPO's LoRA targets: the q/k/v/out projections of both streams of the joint attention.
@@ -111,8 +111,8 @@ def transformer_files(model: ModelConfig) -> list[Path]:
 
 
 class PipelinePolicy:
-    """Base of the FLUX, SD3 and Wan adapters (see :class:`egrpo.policy.Policy`); subclasses define the latent
-    layout (``latent_shape``, ``_vae_latents``) and the network call (``velocity``)."""
+    """Base of the FLUX, SD3, Qwen-Image and Wan adapters (see :class:`egrpo.policy.Policy`); subclasses define the
+    latent layout (``latent_shape``, ``_vae_latents``) and the network call (``velocity``)."""
 
     kind: str
     vae_class = "AutoencoderKL"  # the diffusers class of the pipeline's VAE
@@ -186,8 +186,8 @@ class PipelinePolicy:
 
     @classmethod
     def _build_computed_buffers(cls, transformer: nn.Module) -> None:
-        """Give a transformer built on the meta device the buffers it computes and never saves (none here), which
-        no weights file can fill."""
+        """Give a transformer built on the meta device the tensors it computes and never saves (none here: Wan's
+        RoPE buffers, Qwen-Image's RoPE attributes), which no weights file can fill."""
 
     @classmethod
     def _other_parts(cls, model: ModelConfig) -> dict:
@@ -216,11 +216,21 @@ class PipelinePolicy:
             )
         config = transformer.config
         widths = (self.cache.text_shape[1], self.cache.pooled_dim)
-        if widths != (config.joint_attention_dim, config.pooled_projection_dim):
+        expected = (config.joint_attention_dim, config.get("pooled_projection_dim"))
+        if widths != expected:
+            def describe(text: int, pooled: int | None) -> str:
+                return f"{text}" if pooled is None else f"{text} / {pooled}"
+
             raise ConfigError(
-                f"model.embedding_cache {self.cache.path} holds embeddings of width {self.cache.text_shape[1]} / "
-                f"{self.cache.pooled_dim}, but the transformer expects {config.joint_attention_dim} / "
-                f"{config.pooled_projection_dim}: it was built from another model; rebuild it with egrpo preprocess"
+                f"model.embedding_cache {self.cache.path} holds embeddings of width {describe(*widths)}, but the "
+                f"transformer expects {describe(*expected)}: it was built from another model; rebuild it with "
+                "egrpo preprocess"
+            )
+        negative = negative_prompt(self.settings)
+        if negative is not None and self.cache.negative_prompt != negative:
+            raise ConfigError(
+                f"model.negative_prompt is {negative!r}, but the embedding cache {self.cache.path} encodes "
+                f"{self.cache.negative_prompt!r}; rebuild it with egrpo preprocess or set model.negative_prompt to that"
             )
 
     # ---- the Policy protocol --------------------------------------------------------------------
@@ -234,6 +244,11 @@ class PipelinePolicy:
         """Cached embeddings on the CPU: the cache of a large prompt set stays off the GPU, and ``velocity``
         moves the few rows of each call there."""
         return self.cache.lookup(prompts)
+
+    @property
+    def true_cfg(self) -> bool:
+        """Whether each velocity call also runs the negative prompt's branch (true classifier-free guidance)."""
+        return getattr(self, "_uncond", None) is not None
 
     def completion_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """``velocity`` for forwards that never enter a log-probability; with model.compile, through the compiled
@@ -280,29 +295,28 @@ class PipelinePolicy:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images on the CPU, in fp32: the trainer saves and plots them, and each reward moves them to its device."""
-        scaling = self.vae.config.scaling_factor
-        shift = self.vae.config.shift_factor or 0.0
         images = []
         for chunk in latents.split(self.settings.decode_batch):
-            z = self._vae_latents(chunk.to(self.device, torch.float32)) / scaling + shift
+            z = self._vae_latents(chunk.to(self.device, torch.float32))
             with self.autocast():
-                pixels = self.vae.decode(z, return_dict=False)[0]
+                pixels = self._vae_decode(z)
             images.append(((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu())
         return torch.cat(images).contiguous()  # the VAE may answer channels-last; safetensors wants contiguous
 
     # ---- helpers of the subclasses --------------------------------------------------------------
-    def choose_attention(self, tokens: int) -> None:
+    def choose_attention(self, tokens: int, masked: bool = False) -> None:
         """Pick the attention kernel (model.attention_backend) at this model's shape: ``tokens`` image + text tokens
         of one sample. cuDNN's fused attention failed in the backward pass ("mha_graph.execute ... is_good()") on
         FLUX.1-dev's 2,537-token sequences once (torch 2.11 + CUDA 13, H100, 2026-11-27) and ran on an H200: 'auto'
-        runs forward and backward at exactly these shapes before choosing, so a kernel that fails here is never used."""
+        runs forward and backward at exactly these shapes before choosing, so a kernel that fails here is never used.
+        ``masked``: the transformer passes a key mask (Qwen-Image's text padding), which some kernels cannot take."""
         from egrpo import attention
 
         config = self.transformer_config
         shape = (1, config["num_attention_heads"], tokens, config["attention_head_dim"])
         deterministic = torch.are_deterministic_algorithms_enabled()
         self.attention_backend, self.attention_choice = attention.choose(
-            self.settings.attention_backend, shape, self.dtype, self.device, deterministic
+            self.settings.attention_backend, shape, self.dtype, self.device, deterministic, masked
         )
         if int(os.environ.get("RANK", "0")) == 0 and self.attention_backend is not None:
             print(self.attention_choice, flush=True)
@@ -333,3 +347,8 @@ class PipelinePolicy:
     def _vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, *latent_shape) -> the VAE's (B, C, h, w)."""
         raise NotImplementedError
+
+    def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents (``_vae_latents``) -> pixels in [-1, 1], undoing the pipeline's latent scaling."""
+        config = self.vae.config
+        return self.vae.decode(z / config.scaling_factor + (config.shift_factor or 0.0), return_dict=False)[0]

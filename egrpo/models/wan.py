@@ -32,7 +32,7 @@ from egrpo.config import Config, ModelConfig
 from egrpo.devices import resolve_device
 from egrpo.errors import ConfigError
 from egrpo.models.pipeline import PipelinePolicy
-from egrpo.models.text_cache import EmbeddingCache, compute_dtype, load_error
+from egrpo.models.text_cache import EmbeddingCache, compute_dtype, load_error, negative_prompt
 from egrpo.policy import Cond
 
 DEFAULT_GUIDANCE = 5.0  # WanPipeline's guidance_scale
@@ -171,11 +171,12 @@ class WanPolicy(PipelinePolicy):
                 f"(pooled {self.cache.pooled_dim}), but the Wan transformer takes umT5 sequences of width {width} "
                 "and no pooled embedding: it was built from another model; rebuild it with egrpo preprocess"
             )
-        encoded = self.cache.metadata.get("negative_prompt")
-        if encoded != self.settings.negative_prompt:
+        negative = negative_prompt(self.settings)
+        if self.cache.negative_prompt != negative:
             raise ConfigError(
-                f"model.negative_prompt={self.settings.negative_prompt!r}, but the embedding cache {self.cache.path} "
-                f"encoded {encoded!r}: rebuild it with egrpo preprocess, or set model.negative_prompt to that text"
+                f"model.negative_prompt={negative!r}, but the embedding cache {self.cache.path} encoded "
+                f"{self.cache.negative_prompt!r}: rebuild it with egrpo preprocess, or set model.negative_prompt to "
+                "that text"
             )
 
     @staticmethod
