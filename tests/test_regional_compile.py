@@ -9,6 +9,7 @@ runs inductor itself."""
 import json
 
 import pytest
+import test_qwen_image
 import test_wan
 import torch
 from test_flux_sd3 import save_tiny_flux, save_tiny_sd3, write_config
@@ -54,13 +55,16 @@ def marking(monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.fixture(scope="module", params=["flux", "sd3", "wan"])
+@pytest.fixture(scope="module", params=["flux", "sd3", "qwen-image", "wan"])
 def pipeline(request, tmp_path_factory):
     """(kind, folder) of a tiny pipeline, its config.yaml and its embedding cache."""
     kind, root = request.param, tmp_path_factory.mktemp(request.param)
     if kind == "wan":
         test_wan.save_tiny_wan(root / "pipeline")
         config = test_wan.write_config(root)
+    elif kind == "qwen-image":
+        test_qwen_image.save_tiny_qwen_image(root / "pipeline")
+        config = test_qwen_image.write_config(root)
     else:
         (save_tiny_flux if kind == "flux" else save_tiny_sd3)(root / "pipeline")
         config = write_config(root, kind)
