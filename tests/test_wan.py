@@ -426,6 +426,23 @@ def test_fsdp_reads_the_transformer_from_its_safetensors_block_by_block(wan):
     assert torch.equal(model.rope.freqs_cos, loaded.rope.freqs_cos) and model.rope.freqs_cos.abs().sum() > 0
 
 
+def test_lora_under_fsdp_on_two_ranks_trains_as_one_process(wan, tmp_path):
+    """torchrun, 2 ranks: the Wan base sharded on meta and filled by rows, LoRA adapters over it, 5-D video latents;
+    the trained adapters equal one process's with both prompts."""
+    from test_distributed import _torchrun
+
+    common = ["model.lora_rank=4", "model.lora_alpha=8", "train.iterations=1"]
+    Trainer(cfg.load(str(wan / "config.yaml"), [*common, "train.prompts_per_iteration=2",
+                                                 f"output_dir={tmp_path / 'one'}"]), progress=False).train()
+    _torchrun([str(wan / "config.yaml"), *common, "train.prompts_per_iteration=1", "train.distributed=fsdp",
+               f"output_dir={tmp_path / 'fsdp'}"], tmp_path)
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    sharded = load_file(str(tmp_path / "fsdp" / "model.safetensors"))
+    assert set(one) == set(sharded) and all(".lora_" in name for name in one)
+    assert any(name.endswith("lora_B.default.weight") and one[name].abs().max() > 0 for name in one)  # trained
+    assert all(torch.allclose(one[name], sharded[name], atol=1e-5) for name in one)
+
+
 def test_flops_count_the_video_tokens_and_both_guidance_branches(wan):
     from egrpo.flops import policy_flops
     from egrpo.models.wan import WanPolicy
