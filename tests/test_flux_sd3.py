@@ -81,7 +81,7 @@ def save_tiny_flux(root: Path) -> None:
     ).save_pretrained(root)
 
 
-def save_tiny_sd3(root: Path) -> None:
+def save_tiny_sd3(root: Path, **transformer_options) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(0)
@@ -89,7 +89,7 @@ def save_tiny_sd3(root: Path) -> None:
     transformer = SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
-        pos_embed_max_size=16,
+        pos_embed_max_size=16, **transformer_options,
     )
     StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), transformer=transformer,
@@ -451,3 +451,26 @@ def test_sd3_adapter_samples_as_the_pipeline_on_sd35_shaped_transformers(shape, 
         expected |= {"to_add_out"} if block == 0 else set()  # the last block's text stream has no output projection
         prefix = f"transformer_blocks.{block}.attn."
         assert {name.split(prefix)[1] for name in adapted if prefix in name} == expected
+
+
+def test_the_shipped_sd35_large_recipe_trains_a_tiny_sd35_large_shaped_pipeline(tmp_path):
+    """`egrpo preprocess` and `egrpo train sd35-large-hps` (LoRA, true CFG 3.5) on a pipeline whose transformer has
+    SD3.5 Large's RMS q/k norms: one iteration with the first ratio exactly 1, then its LoRA export."""
+    root = tmp_path / "large"
+    save_tiny_sd3(root / "pipeline", qk_norm="rms_norm")
+    (root / "prompts.txt").write_text("\n".join(TRAIN + EVAL) + "\n")
+    overrides = ["reward={jpeg_compressibility: 1.0}", f"model.pretrained={root / 'pipeline'}",
+                 f"model.embedding_cache={root / 'cache.safetensors'}", "model.height=32", "model.width=32",
+                 "model.max_sequence_length=8", "model.device=cpu", "model.lora_rank=4", "sampling.num_steps=4",
+                 "plan.active_steps=first:2", "train.iterations=1", "train.group_size=2",
+                 "train.prompts_per_iteration=1", f"prompts.train={root / 'prompts.txt'}",
+                 f"prompts.eval={root / 'prompts.txt'}", "eval.seeds_per_prompt=1", f"output_dir={root / 'run'}"]
+    assert main(["preprocess", "sd35-large-hps", *overrides, "--out", str(root / "cache.safetensors"),
+                 "--no-progress"]) == 0
+    assert main(["train", "sd35-large-hps", *overrides, "--no-progress"]) == 0
+    first = json.loads((root / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["first_ratio_max_dev"] == 0.0
+    config = cfg.load(str(root / "run" / "config.yaml"))
+    assert config.model.guidance == 3.5 and config.model.lora_rank == 4
+    assert main(["export", str(root / "run"), "--out", str(root / "export")]) == 0
+    assert (root / "export" / "pytorch_lora_weights.safetensors").is_file()
