@@ -19,6 +19,7 @@ each phase the largest peak over ranks.
 
     python benchmarks/fsdp_memory.py                      # world sizes 1, 2, 4 (a few minutes on 2 cores)
     python benchmarks/fsdp_memory.py --world-sizes 1,2 --small --out /tmp/m.json   # the quick test
+    python benchmarks/fsdp_memory.py --lora-rank 32 --out benchmarks/results/fsdp_memory_lora.json   # LoRA
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def build_pipeline(root: Path, size: str, prompts: list[str]) -> int:
     return model_bytes
 
 
-def overrides(root: Path, run: Path, iterations: int) -> list[str]:
-    return [
+def overrides(root: Path, run: Path, iterations: int, lora_rank: int) -> list[str]:
+    return [f"model.lora_rank={lora_rank}",
         "reward={jpeg_compressibility: 1.0}", "model.kind=flux", f"model.pretrained={root}",
         f"model.embedding_cache={root / 'cache.safetensors'}", f"model.height={RESOLUTION}",
         f"model.width={RESOLUTION}", "model.device=cpu", "train.distributed=fsdp", "sampling.num_steps=4",
@@ -113,7 +114,7 @@ def worker(args: argparse.Namespace) -> None:
     from egrpo.trainer import Trainer
 
     root, run = Path(args.root), Path(args.run_dir)
-    config = cfg.load(None, overrides(root, run, args.iterations))
+    config = cfg.load(None, overrides(root, run, args.iterations, int(args.lora_rank)))
     start = rss_bytes("VmRSS")
     peaks: dict[str, int] = {}
 
@@ -140,7 +141,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(
-    world_size: int, root: Path, run: Path, part: str, report: Path, iterations: int, release: bool
+    world_size: int, root: Path, run: Path, part: str, report: Path, iterations: int, release: bool, lora_rank: int
 ) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -149,6 +150,7 @@ def launch(
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
         "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, "--worker", "--part", part,
         "--root", str(root), "--run-dir", str(run), "--report", str(report), "--iterations", str(iterations),
+        "--lora-rank", str(lora_rank),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     if release:
@@ -174,8 +176,12 @@ def markdown(result: dict) -> str:
             lines.append(f"| {run['world_size']} | {malloc} | " + " | ".join(cells) + f" | {ratio} |")
     model = result["runs"][0]["model_bytes"] / 2**20
     lines.append("")
-    lines.append(f"Model: {model:.0f} MiB of fp32 weights; one process holds 4x that in training (weights, "
-                 "gradients, two AdamW moments).")
+    if result.get("lora_rank"):
+        lines.append(f"Model: {model:.0f} MiB of fp32 weights, frozen under LoRA rank {result['lora_rank']}; one "
+                     "process holds them once, plus the adapters' weights, gradients and AdamW moments.")
+    else:
+        lines.append(f"Model: {model:.0f} MiB of fp32 weights; one process holds 4x that in training (weights, "
+                     "gradients, two AdamW moments).")
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-sizes", default="1,2,4")
     parser.add_argument("--iterations", type=int, default=2, help="E-GRPO iterations in the train phase")
     parser.add_argument("--small", action="store_true", help="a ~10 MB transformer (for the test)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA over the sharded frozen base (default 0: full)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fsdp_memory.json"))
     for hidden in ("--worker", "--part", "--root", "--run-dir", "--report"):
         parser.add_argument(hidden, action="store_true" if hidden == "--worker" else "store", help=argparse.SUPPRESS)
@@ -204,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             for n in sizes:
                 name = f"{n}-{'release' if release else 'default'}"
                 run = root / f"run-{name}"
-                ranks = launch(n, root, run, "first", root / f"first-{name}", args.iterations, release)
-                resumed = launch(n, root, run, "resume", root / f"resume-{name}", args.iterations, release)
+                ranks = launch(n, root, run, "first", root / f"first-{name}", args.iterations, release, args.lora_rank)
+                resumed = launch(n, root, run, "resume", root / f"resume-{name}", args.iterations, release,
+                                 args.lora_rank)
                 ranks = [{**a, **b} for a, b in zip(ranks, resumed)]
                 phases = {phase: max(r[phase] for r in ranks) for phase in PHASES}
                 out.append({"world_size": n, "model_bytes": model_bytes, "phases": phases, "ranks": ranks})
@@ -214,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"world size {n} ({malloc}): model {model_bytes / 2**20:.0f} MiB, per-rank peak MiB {mib}",
                       flush=True)
     result = {
+        "lora_rank": args.lora_rank,
         "runs": runs,
         "runs_glibc_default_malloc": default_malloc,
         "unit": "bytes: the peak resident set in the phase minus the rank's resident set when its process started",

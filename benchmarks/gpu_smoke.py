@@ -38,6 +38,15 @@ there (--peer-repeats 1: under 2).
     python benchmarks/gpu_smoke.py --flux-dev-size --out flux_dev.json       # FLUX.1-dev size, on a GPU
     python benchmarks/gpu_smoke.py --device cpu --tiny [--flux-dev-size]     # a tiny model: either path on a CPU
 
+--qwen-image-size: the same reduced-plan run on the true Qwen-Image transformer (60 blocks, 24 heads x 128,
+20.4B parameters: 40.9 GB in bf16) and VAE (127M), LoRA rank 32, at qwen-image-hps's rollout (512x512, T 16,
+G 12, shift 1.7138 and terminal 0.02, true CFG 4: two rows a latent), prompts of 51 to 128 text tokens with
+their masks; its peer is QwenImagePipeline's loop (embeddings, masks and the negative prompt's passed in).
+Not yet run on a GPU.
+
+    python benchmarks/gpu_smoke.py --qwen-image-size --out qwen_image.json   # Qwen-Image size, on a GPU
+    python benchmarks/gpu_smoke.py --device cpu --tiny --qwen-image-size     # its tiny twin on a CPU
+
 On an offline GPU machine without diffusers, install its pure-Python wheel (pip download --no-deps
 diffusers==0.42.1; it imports huggingface_hub >= 1.32, so bring that wheel too where the machine's is older):
 
@@ -91,16 +100,45 @@ TINY = dict(
     text_tokens=8, resolution=32, num_steps=4, group_size=2, active_steps="first:2", max_batch=24,
     measured_steps="first:1",
 )
+# Qwen-Image's published transformer/config.json and vae/config.json (the diffusers classes' defaults).
+QWEN_IMAGE = dict(
+    kind="qwen-image",
+    transformer=dict(num_layers=60, num_attention_heads=24, attention_head_dim=128, in_channels=64, out_channels=16,
+                     joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+    vae=dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]),
+    text_tokens=128, resolution=512, num_steps=16, group_size=12, active_steps="first-half", max_batch=24,
+    measured_steps="first:2", shift=1.7138, shift_terminal=0.02, guidance=4.0,
+)
+QWEN_TINY = dict(
+    kind="qwen-image",
+    transformer=dict(num_layers=1, num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=4,
+                     joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
+    vae=dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+             latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0]),
+    text_tokens=8, resolution=32, num_steps=4, group_size=2, active_steps="first:2", max_batch=24,
+    measured_steps="first:1", shift=1.6328, shift_terminal=0.02, guidance=4.0,
+)
 TRAIN_PROMPTS = [f"smoke prompt {i}" for i in range(8)]
 EVAL_PROMPTS = ["held-out prompt"]
 
 
 def build_modules(size: dict, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """A FLUX transformer (weights in ``dtype``) and VAE (fp32, as FluxPolicy.load reads it) from config with
-    random weights, created on ``device``: a 12B transformer never exists in fp32 or on the CPU."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    """A FLUX (or, ``size["kind"]``, Qwen-Image) transformer (weights in ``dtype``) and VAE (fp32, as the policies
+    load it) from config with random weights, created on ``device``: a 12B transformer never exists in fp32 or on
+    the CPU."""
+    from diffusers import AutoencoderKL, AutoencoderKLQwenImage, FluxTransformer2DModel, QwenImageTransformer2DModel
 
     torch.manual_seed(0)
+    if size.get("kind") == "qwen-image":
+        with torch.device(device):
+            vae = AutoencoderKLQwenImage(**size["vae"])  # its default latents_mean / std are Qwen-Image's
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                transformer = QwenImageTransformer2DModel(**size["transformer"])
+            finally:
+                torch.set_default_dtype(previous)
+        return transformer, vae
     blocks = len(size["vae"]["block_out_channels"])
     with torch.device(device):
         vae = AutoencoderKL(
@@ -122,17 +160,33 @@ def build_modules(size: dict, device: torch.device | str = "cpu", dtype: torch.d
 def write_prompts(root: Path, size: dict) -> None:
     """Prompt files and their random text embeddings (bf16, as ``egrpo preprocess`` writes them on a GPU)."""
     prompts = TRAIN_PROMPTS + EVAL_PROMPTS
+    (root / "train.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
+    (root / "eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
+    if size.get("kind") == "qwen-image":  # padded rows with masks: prompts from 40% of the longest to all of it
+        tokens, width = size["text_tokens"], size["transformer"]["joint_attention_dim"]
+        lengths = torch.linspace(0.4 * tokens, tokens, len(prompts)).round().long()
+        mask = (torch.arange(tokens) < lengths[:, None]).float()
+        text = torch.randn(len(prompts), tokens, width) * mask[..., None]
+        negative = (torch.arange(tokens) < 2).float()[None]  # " " after the template: a couple of tokens
+        extra = {"uncond_text": (torch.randn(1, tokens, width) * negative[..., None]).bfloat16(),
+                 "uncond_text_mask": negative.bfloat16()}
+        write_cache(root / "cache.safetensors", "qwen-image", prompts, [(text.bfloat16(), mask.bfloat16())], extra,
+                    negative=" ")
+        return
     width, pooled = size["transformer"]["joint_attention_dim"], size["transformer"]["pooled_projection_dim"]
     rows = (torch.randn(len(prompts), size["text_tokens"], width), torch.randn(len(prompts), pooled))
     write_cache(root / "cache.safetensors", "flux", prompts, [tuple(t.to(torch.bfloat16) for t in rows)])
-    (root / "train.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
-    (root / "eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
 
 
-def overrides(root: Path, size: dict, device: str, lora_rank: int, active_steps: str, iterations: int) -> list[str]:
-    return [
+def overrides(
+    root: Path, size: dict, device: str, lora_rank: int, active_steps: str, iterations: int, compile: bool = False
+) -> list[str]:
+    return [f"model.compile={str(compile).lower()}",
         "reward={jpeg_compressibility: 1.0}",
-        "model.kind=flux", f"model.pretrained={root}", f"model.embedding_cache={root / 'cache.safetensors'}",
+        f"model.kind={size.get('kind', 'flux')}", f"model.pretrained={root}",
+        f"model.embedding_cache={root / 'cache.safetensors'}", f"sampling.shift={size.get('shift', 3.0)}",
+        *([f"model.guidance={size['guidance']}"] if "guidance" in size else []),
+        *([f"sampling.shift_terminal={size['shift_terminal']}"] if "shift_terminal" in size else []),
         f"model.height={size['resolution']}", f"model.width={size['resolution']}", f"model.device={device}",
         "model.dtype=bfloat16", "model.gradient_checkpointing=true", f"model.lora_rank={lora_rank}",
         f"sampling.num_steps={size['num_steps']}", f"plan.active_steps={active_steps}",
@@ -147,36 +201,46 @@ def synchronizer(cuda: bool):
 
 
 class CallRecorder:
-    """Wraps ``policy.velocity`` and logs (batch size, with gradient) of each call. It waits for each call's GPU
-    work, so the trainer's phase clocks charge it to the phase that queued it (the launch queue runs ahead)."""
+    """Wraps ``policy.velocity`` and logs (batch size, with gradient, a completion) of each call; a completion is a
+    call made through ``policy.completion_velocity`` (compiled under --compile). It waits for each call's GPU work,
+    so the trainer's phase clocks charge it to the phase that queued it (the launch queue runs ahead)."""
 
     def __init__(self, policy, sync):
         self.policy = policy
-        self.inner = policy.velocity
+        self.inner, self.inner_completion = policy.velocity, policy.completion_velocity
         self.sync = sync
-        self.calls: list[tuple[int, bool]] = []
-        policy.velocity = self
+        self.calls: list[tuple[int, bool, bool]] = []
+        self._completing = False
+        policy.velocity, policy.completion_velocity = self, self.completion
 
     def __call__(self, x, sigma, cond, reference=False):
         out = self.inner(x, sigma, cond, reference=reference)
         self.sync()
-        self.calls.append((x.shape[0], torch.is_grad_enabled() and not reference))
+        self.calls.append((x.shape[0], torch.is_grad_enabled() and not reference, self._completing))
         return out
+
+    def completion(self, x, sigma, cond):
+        self._completing = True  # the policy's completion path calls velocity (above) inside
+        try:
+            return self.inner_completion(x, sigma, cond)
+        finally:
+            self._completing = False
 
     def stop(self) -> None:
         """Calls go straight to the policy again."""
-        self.policy.velocity = self.inner
+        self.policy.velocity, self.policy.completion_velocity = self.inner, self.inner_completion
 
 
-def replay(trainer: Trainer, velocity, calls: list[tuple[int, bool]], sync) -> tuple[dict[str, float], list]:
-    """The recorded calls alone on random inputs of the same shapes: rollout calls as no-grad forwards, update
-    calls as forward + backward. Seconds of each part, only the calls on the clock, and (batch, with gradient,
-    seconds) of each call."""
+def replay(trainer: Trainer, calls: list[tuple[int, bool, bool]], sync) -> tuple[dict[str, float], list]:
+    """The recorded calls alone on random inputs of the same shapes: rollout calls as no-grad forwards (completions
+    through the policy's completion path, as the rollout ran them), update calls as forward + backward. Seconds of
+    each part, only the calls on the clock, and (batch, with gradient, seconds) of each call."""
     policy, cond_all = trainer.policy, trainer.train_cond
     available = next(iter(cond_all.values())).shape[0]
     seconds = {"rollout": 0.0, "update": 0.0}
     timed = []
-    for batch, grad in calls:
+    for batch, grad, completion in calls:
+        velocity = policy.completion_velocity if completion else policy.velocity
         cond = select(cond_all, torch.arange(batch) % available)
         x = torch.randn((batch, *policy.latent_shape), device=policy.device)
         sigma = torch.rand(batch, device=policy.device)
@@ -257,8 +321,25 @@ def flux_pipeline(trainer: Trainer):
     return pipe
 
 
-def largest_rollout_batch(calls: list[tuple[int, bool]]) -> int:
-    return max(batch for batch, grad in calls if not grad)
+def qwen_image_pipeline(trainer: Trainer):
+    """A QwenImagePipeline around the trainer's transformer and VAE, without its text encoder, whose scheduler
+    shifts by egrpo's static ``sampling.shift`` (the pipeline's mu is then ignored) and stretches to its
+    ``sampling.shift_terminal``, so its grid is egrpo's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    policy = trainer.policy
+    transformer = trainer.model.get_base_model() if policy.lora else trainer.model
+    sampling = trainer.config.sampling
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=sampling.shift, shift_terminal=sampling.shift_terminal,
+                                                use_dynamic_shifting=False)
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=policy.vae, text_encoder=None, tokenizer=None,
+                             transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def largest_rollout_batch(calls: list[tuple[int, bool, bool]]) -> int:
+    return max(batch for batch, grad, _ in calls if not grad)
 
 
 def peer(trainer: Trainer, batch: int, sync, repeats: int) -> dict:
@@ -278,9 +359,21 @@ def peer(trainer: Trainer, batch: int, sync, repeats: int) -> dict:
     cond = select(trainer.train_cond, torch.arange(batch) % available)
     embeddings = policy.on_device(cond)
     noise = torch.randn((batch, *policy.latent_shape), generator=torch.Generator().manual_seed(0)).to(policy.device)
-    pipe = flux_pipeline(trainer)
-    velocity = chunked_velocity(policy, trainer.max_batch)
-    guidance = DEFAULT_GUIDANCE if model.guidance is None else model.guidance
+    qwen = policy.kind == "qwen-image"
+    pipe = qwen_image_pipeline(trainer) if qwen else flux_pipeline(trainer)
+    velocity = chunked_velocity(policy, trainer.max_batch, completion=True)  # as sample_images (compiled: --compile)
+    if qwen:
+        guidance = policy.guidance
+        negative = {name: row.expand(batch, *row.shape[1:]) for name, row in policy.on_device(
+            policy.cache.unconditional()).items()}
+        # the pipeline's own arguments: true CFG from the negative prompt's embeddings, each with its mask
+        conditioning = dict(prompt_embeds=embeddings["text"], prompt_embeds_mask=embeddings["text_mask"].long(),
+                            negative_prompt_embeds=negative["text"],
+                            negative_prompt_embeds_mask=negative["text_mask"].long(), true_cfg_scale=guidance)
+    else:
+        guidance = DEFAULT_GUIDANCE if model.guidance is None else model.guidance
+        conditioning = dict(prompt_embeds=embeddings["text"], pooled_prompt_embeds=embeddings["pooled"],
+                            guidance_scale=guidance)
     warm = min(2, plan.num_steps)
 
     def egrpo(sigmas: torch.Tensor) -> torch.Tensor:
@@ -288,9 +381,8 @@ def peer(trainer: Trainer, batch: int, sync, repeats: int) -> dict:
 
     def diffusers(steps: int) -> torch.Tensor:
         with policy.autocast(), policy.attention():
-            return pipe(prompt_embeds=embeddings["text"], pooled_prompt_embeds=embeddings["pooled"], latents=noise,
-                        height=model.height, width=model.width, num_inference_steps=steps, guidance_scale=guidance,
-                        output_type="latent", return_dict=False)[0]
+            return pipe(latents=noise, height=model.height, width=model.width, num_inference_steps=steps,
+                        output_type="latent", return_dict=False, **conditioning)[0]
 
     def clocked(run, *args) -> tuple[float, torch.Tensor]:
         sync()
@@ -347,8 +439,10 @@ def mid_run(args, size: dict, cuda: bool) -> dict:
         del transformer, vae
         write_prompts(root, size)
         lora = args.lora_rank or 0
-        config = cfg.load(None, overrides(root, size, args.device, lora, size["active_steps"], iterations))
+        steps = size["active_steps"]
+        config = cfg.load(None, overrides(root, size, args.device, lora, steps, iterations, args.compile))
         trainer = Trainer(config, progress=False)
+        compile_seconds = trainer.policy.compile_completions(trainer.train_cond)
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -360,8 +454,10 @@ def mid_run(args, size: dict, cuda: bool) -> dict:
                 recorder.stop()
             sync()
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        _, timed = replay(trainer, recorder.inner, recorder.calls, sync)
+        _, timed = replay(trainer, recorder.calls, sync)
         side_by_side = peer(trainer, largest_rollout_batch(recorder.calls), sync, args.peer_repeats)
+        compiled = compile_side_by_side(trainer, largest_rollout_batch(recorder.calls), sync, args.peer_repeats,
+                                        compile_seconds)
     matmul = matmul_rate(args.device, cuda)
 
     timed_runs = runs[1:] or runs  # the first iteration pays for kernel selection and allocator growth
@@ -384,6 +480,7 @@ def mid_run(args, size: dict, cuda: bool) -> dict:
         "peak_memory_gib": peak,
         "utilisation": utilisation(policy_flops(trainer.policy), timed, matmul),
         "peer": side_by_side,
+        "compile": compiled,
     }
 
 
@@ -420,8 +517,11 @@ def flux_dev_run(args, size: dict, cuda: bool) -> dict:
     """One timed iteration of a reduced plan on a policy assembled in memory, extrapolated to the full plan."""
     from egrpo.devices import resolve_device
     from egrpo.models.flux import FluxPolicy
+    from egrpo.models.qwen_image import QwenImagePolicy
     from egrpo.models.text_cache import EmbeddingCache
     from egrpo.tasks import Task
+
+    policy_class = QwenImagePolicy if size.get("kind") == "qwen-image" else FluxPolicy
 
     sync = synchronizer(cuda)
     started = time.perf_counter()
@@ -429,10 +529,10 @@ def flux_dev_run(args, size: dict, cuda: bool) -> dict:
         root = Path(tmp)
         write_prompts(root, size)
         lora = 32 if args.lora_rank is None else args.lora_rank
-        config = cfg.load(None, overrides(root, size, args.device, lora, size["measured_steps"], 1))
-        full = cfg.load(None, overrides(root, size, args.device, lora, size["active_steps"], 1))
-        transformer, vae = build_modules(size, resolve_device(args.device), FluxPolicy.weight_dtype(config.model))
-        policy = FluxPolicy(config.model, transformer, vae, EmbeddingCache(root / "cache.safetensors"))
+        config = cfg.load(None, overrides(root, size, args.device, lora, size["measured_steps"], 1, args.compile))
+        full = cfg.load(None, overrides(root, size, args.device, lora, size["active_steps"], 1, args.compile))
+        transformer, vae = build_modules(size, resolve_device(args.device), policy_class.weight_dtype(config.model))
+        policy = policy_class(config.model, transformer, vae, EmbeddingCache(root / "cache.safetensors"))
         task = Task(policy=policy, train_prompts=TRAIN_PROMPTS, eval_prompts=EVAL_PROMPTS)
         trainer = Trainer(config, task=task, progress=False)
         sync()
@@ -440,14 +540,17 @@ def flux_dev_run(args, size: dict, cuda: bool) -> dict:
         warm_up(trainer)
         sync()
         warmed = time.perf_counter()
+        compile_seconds = policy.compile_completions(trainer.train_cond)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         recorder = CallRecorder(policy, sync)
         metrics = trainer.iteration(0)
         recorder.stop()
         peak = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30) if cuda else None
-        replayed, timed = replay(trainer, recorder.inner, recorder.calls, sync)
+        replayed, timed = replay(trainer, recorder.calls, sync)
         side_by_side = peer(trainer, largest_rollout_batch(recorder.calls), sync, args.peer_repeats)
+        compiled = compile_side_by_side(trainer, largest_rollout_batch(recorder.calls), sync, args.peer_repeats,
+                                        compile_seconds)
     finished = time.perf_counter()
     matmul = matmul_rate(args.device, cuda)
 
@@ -463,7 +566,8 @@ def flux_dev_run(args, size: dict, cuda: bool) -> dict:
     network_alone = {part: replayed[part] * scale[part] for part in replayed}
     return {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "size": "tiny" if args.tiny else "flux-dev",
+        "size": "tiny" if args.tiny else ("qwen-image" if policy_class is QwenImagePolicy else "flux-dev"),
+        "model": policy.kind,
         "transformer_params": sum(p.numel() for p in trainer.model.parameters()),
         "trained_params": sum(p.numel() for p in trainer.params),
         "lora_rank": lora,
@@ -493,6 +597,45 @@ def flux_dev_run(args, size: dict, cuda: bool) -> dict:
         "peak_memory_reserved_gib": peak[1] if peak else None,
         "utilisation": utilisation(policy_flops(policy), timed, matmul),
         "peer": side_by_side,
+        "compile": compiled,
+    }
+
+
+def compile_side_by_side(
+    trainer: Trainer, batch: int, sync, repeats: int, compile_seconds: float | None
+) -> dict | None:
+    """With --compile (model.compile): one latent forward of the rollout's largest ``batch`` through the eager
+    network (what trained transitions and the update run) against the compiled blocks (what completions run), the two
+    alternating ``repeats`` times after one call each, each the median over 10 calls; and the compile time. None
+    without --compile."""
+    if compile_seconds is None:
+        return None
+    policy = trainer.policy
+    available = next(iter(trainer.train_cond.values())).shape[0]
+    cond = select(trainer.train_cond, torch.arange(batch) % available)
+    x = torch.randn((batch, *policy.latent_shape), generator=torch.Generator().manual_seed(0)).to(policy.device)
+    sigma = torch.full((batch,), 0.5, device=policy.device)
+    runs = {"eager": policy.velocity, "compiled": policy.completion_velocity}
+    seconds = {name: [] for name in runs}
+    trainer.model.eval()
+    with torch.no_grad():
+        out = {name: run(x, sigma, cond) for name, run in runs.items()}
+        for _ in range(repeats):
+            for name, run in runs.items():
+                sync()
+                start = time.perf_counter()
+                for _ in range(10):
+                    run(x, sigma, cond)
+                sync()
+                seconds[name].append((time.perf_counter() - start) / 10)
+    per_latent = {name: statistics.median(s) / batch for name, s in seconds.items()}
+    return {
+        "compile_seconds": compile_seconds,
+        "compile_is": "regional torch.compile of the repeated blocks, at batch 2 and 3 (egrpo/regional_compile.py)",
+        "batch": batch,
+        "seconds_per_latent_forward": per_latent,
+        "speedup": per_latent["eager"] / per_latent["compiled"],
+        "velocity_max_abs_diff": (out["eager"] - out["compiled"]).abs().max().item(),
     }
 
 
@@ -502,12 +645,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny model and 32x32 images (for CPU tests)")
     parser.add_argument("--flux-dev-size", action="store_true",
                         help="FLUX.1-dev's transformer and VAE, LoRA, one timed iteration of a reduced plan")
+    parser.add_argument("--qwen-image-size", action="store_true",
+                        help="Qwen-Image's transformer and VAE, LoRA, one timed iteration of a reduced plan")
     parser.add_argument("--iterations", type=int,
                         help="E-GRPO iterations of the mid size (default 3; the first is a warm-up)")
     parser.add_argument("--lora-rank", type=int,
                         help="LoRA rank (default 0, full fine-tuning; 32 with --flux-dev-size)")
     parser.add_argument("--peer-repeats", type=int, default=3,
                         help="timed runs of each sampler in the side by side with diffusers' FluxPipeline (default 3)")
+    parser.add_argument("--compile", action="store_true",
+                        help="model.compile: completions through the compiled blocks, and their speed-up measured")
     parser.add_argument("--out", help="also write the JSON result here")
     args = parser.parse_args(argv)
     if args.peer_repeats < 1:
@@ -515,15 +662,22 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         parser.error("no CUDA device; use --device cpu --tiny")
-    if args.flux_dev_size:
+    if args.flux_dev_size and args.qwen_image_size:
+        parser.error("--flux-dev-size or --qwen-image-size: one model a run")
+    if args.flux_dev_size or args.qwen_image_size:
+        flag, params, state = ("--qwen-image-size", "20.4B", "327") if args.qwen_image_size else ("--flux-dev-size",
+                                                                                                 "12B", "190")
         if args.iterations is not None:
-            parser.error("--flux-dev-size times one iteration of a reduced plan; --iterations is for the mid size")
+            parser.error(f"{flag} times one iteration of a reduced plan; --iterations is for the mid size")
         if args.lora_rank == 0 and not args.tiny:
-            parser.error("--flux-dev-size needs LoRA: full fine-tuning of 12B parameters (fp32 weights, gradients "
-                         "and Adam moments, ~190 GB) does not fit one GPU")
+            parser.error(f"{flag} needs LoRA: full fine-tuning of {params} parameters (fp32 weights, gradients "
+                         f"and Adam moments, ~{state} GB) does not fit one GPU")
         if not cuda and not args.tiny:
-            parser.error("--flux-dev-size on a CPU needs --tiny")
-        result = flux_dev_run(args, TINY if args.tiny else FLUX_DEV, cuda)
+            parser.error(f"{flag} on a CPU needs --tiny")
+        if args.qwen_image_size:
+            result = flux_dev_run(args, QWEN_TINY if args.tiny else QWEN_IMAGE, cuda)
+        else:
+            result = flux_dev_run(args, TINY if args.tiny else FLUX_DEV, cuda)
     else:
         result = mid_run(args, TINY if args.tiny else MID, cuda)
     text = json.dumps(result, indent=2)

@@ -7,6 +7,10 @@ CLIP / HPS reward weights in their published formats, then runs, each check on i
 
 - every method, one iteration, on FLUX and on SD3 (full fine-tuning), egrpo-fast with every ODE solver;
 - LoRA on both;
+- ``model.compile`` on both (LoRA, egrpo-fast): inductor compiles the blocks once, the first PPO ratio stays exactly 1;
+- Qwen-Image (2 blocks 1024 wide, 3584-wide masked text, its VAE): E-GRPO, egrpo-fast, LoRA, and compiled;
+- Wan 2.1 text-to-video through the shipped ``wan21-t2v-1.3b-hps`` recipe (a 2-block transformer of Wan 2.1 1.3B's
+  width, its video VAE, 9 frames at 128 x 128): full, LoRA, and LoRA with ``model.compile``;
 - ``torchrun --nproc_per_node 1`` with DDP and with FSDP: trained, resumed, exported, and the export loaded
   with diffusers' ``from_pretrained`` equal to the trained weights;
 - ``egrpo eval``, ``egrpo sample`` and ``egrpo figures completion`` on the device;
@@ -59,7 +63,14 @@ SIZES = {
                  joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, patch_size=2,
                  sample_size=32, pos_embed_max_size=96),
         vae=dict(block_out_channels=(32, 32, 32, 32), latent_channels=16, norm_num_groups=8, layers_per_block=1),
-        text_tokens=dict(flux=512, sd3=333), resolution=256, group_size=4, reward_width=64,
+        qwen_image=dict(num_layers=2, num_attention_heads=8, attention_head_dim=128, in_channels=64, out_channels=16,
+                        joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+        qwen_vae=dict(base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                      temperal_downsample=[False, True, True]),
+        text_tokens={"flux": 512, "sd3": 333, "qwen-image": 64}, resolution=256, group_size=4, reward_width=64,
+        wan=dict(transformer=dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=2,
+                                  text_dim=4096),
+                 vae={}, text_tokens=512, height=128, width=128, frames=9),
     ),
     "tiny": dict(
         flux=dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, in_channels=16,
@@ -68,7 +79,14 @@ SIZES = {
                  joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, patch_size=2,
                  sample_size=16, pos_embed_max_size=16),
         vae=dict(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, layers_per_block=1),
-        text_tokens=dict(flux=8, sd3=8), resolution=32, group_size=2, reward_width=32,
+        qwen_image=dict(num_layers=1, num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=4,
+                        joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
+        qwen_vae=dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False]),
+        text_tokens={"flux": 8, "sd3": 8, "qwen-image": 8}, resolution=32, group_size=2, reward_width=32,
+        wan=dict(transformer=dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=2, text_dim=32,
+                                  rope_max_seq_len=32),
+                 vae=dict(base_dim=3, dim_mult=[1, 1, 1, 1], num_res_blocks=1), text_tokens=8, height=32, width=32,
+                 frames=5),
     ),
 }
 TRAIN_PROMPTS = ["a red cat", "a blue dog", "a photo of a cat", "a drawing of a dog"]
@@ -85,6 +103,8 @@ def build_pipeline(root: Path, kind: str, size: dict) -> None:
     from egrpo.models.text_cache import write_cache
 
     torch.manual_seed(0)
+    if kind == "qwen-image":
+        return build_qwen_image(root, size)
     blocks = len(size["vae"]["block_out_channels"])
     vae = diffusers.AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
@@ -104,6 +124,31 @@ def build_pipeline(root: Path, kind: str, size: dict) -> None:
         extra = {"uncond_text": torch.randn(1, *rows[0].shape[1:]).bfloat16(),
                  "uncond_pooled": torch.randn(1, pooled).bfloat16()}
     write_cache(root / "cache.safetensors", kind, prompts, [tuple(t.bfloat16() for t in rows)], extra)
+    (root / "train.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
+    (root / "eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
+
+
+def build_qwen_image(root: Path, size: dict) -> None:
+    """Qwen-Image's transformer and VAE, and a cache of its layout: padded text rows with their masks (prompts of
+    different lengths), and the negative prompt's for its true CFG."""
+    import diffusers
+
+    from egrpo.models.text_cache import write_cache
+
+    z = size["qwen_vae"]["z_dim"]
+    vae = diffusers.AutoencoderKLQwenImage(latents_mean=[0.1] * z, latents_std=[2.0] * z, **size["qwen_vae"])
+    diffusers.QwenImageTransformer2DModel(**size["qwen_image"]).save_pretrained(root / "transformer")
+    vae.save_pretrained(root / "vae")
+    prompts = TRAIN_PROMPTS + EVAL_PROMPTS
+    tokens, width = size["text_tokens"]["qwen-image"], size["qwen_image"]["joint_attention_dim"]
+    lengths = torch.tensor([tokens - i % (tokens // 2) for i in range(len(prompts))])
+    mask = (torch.arange(tokens) < lengths[:, None]).float()
+    text = torch.randn(len(prompts), tokens, width) * mask[..., None]
+    negative_mask = (torch.arange(tokens) < 3).float()[None]
+    extra = {"uncond_text": (torch.randn(1, tokens, width) * negative_mask[..., None]).bfloat16(),
+             "uncond_text_mask": negative_mask.bfloat16()}
+    write_cache(root / "cache.safetensors", "qwen-image", prompts, [(text.bfloat16(), mask.bfloat16())], extra,
+                negative=" ")
     (root / "train.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
     (root / "eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
 
@@ -222,8 +267,11 @@ class Suite:
             raise RuntimeError(f"non-finite metrics in {run / 'metrics.jsonl'}: {values}")
         if first["first_ratio_max_dev"] != 0.0:
             raise RuntimeError(f"first PPO ratio is not exactly 1 (max deviation {first['first_ratio_max_dev']})")
+        summary = run / "summary.json"
+        compiled = json.loads(summary.read_text()).get("compile_seconds") if summary.is_file() else None
         return {"iterations": len(records), "seconds_per_iteration": first["seconds"],
-                "network_calls": first["network_calls"], "reward_mean": first["reward_mean"]}
+                "network_calls": first["network_calls"], "reward_mean": first["reward_mean"],
+                **({"compile_seconds": compiled} if compiled is not None else {})}
 
     def command(self, *argv: str, timeout: float = 600) -> str:
         """A new process, as a user's shell starts it; its stdout (its stderr in the error)."""
@@ -266,6 +314,28 @@ class Suite:
     # ---- the checks ----------------------------------------------------------------------------------------
     def lora(self, kind: str) -> dict:
         return self.train(kind, f"{kind}-lora", "model.lora_rank=4", "train.lr=1e-4")
+
+    def wan(self, name: str, *extra: str, method: str | None = None) -> dict:
+        """``egrpo train wan21-t2v-1.3b-hps`` on the small Wan pipeline, JPEG compressibility on its reward frames."""
+        from egrpo.cli import main as egrpo
+
+        root, size, run = self.work / "wan", self.size["wan"], self.work / "runs" / name
+        argv = [
+            "train", "wan21-t2v-1.3b-hps", *(["--method", method] if method else []),
+            "reward={jpeg_compressibility: 1.0}", f"model.pretrained={root / 'pipeline'}",
+            f"model.embedding_cache={root / 'cache.safetensors'}", f"model.height={size['height']}",
+            f"model.width={size['width']}", f"model.frames={size['frames']}", f"model.device={self.device}",
+            "sampling.num_steps=8", "plan.active_steps=first:2", f"train.group_size={self.size['group_size']}",
+            "train.iterations=1", "eval.seeds_per_prompt=1", f"prompts.train={root / 'train.txt'}",
+            f"prompts.eval={root / 'eval.txt'}", f"output_dir={run}", *extra, "--no-progress",
+        ]
+        if egrpo(argv) != 0:
+            raise RuntimeError(f"egrpo train {name} failed")
+        return self.summarise(run)
+
+    def compiled(self, kind: str) -> dict:
+        """egrpo-fast with model.compile (its completions compiled) and LoRA; the compile time from summary.json."""
+        return self.train(kind, f"{kind}-compile", "model.compile=true", "model.lora_rank=4", method="egrpo-fast")
 
     def distributed(self, mode: str) -> dict:
         """torchrun: 1 iteration with a checkpoint, --resume to 2, egrpo export, the export loaded by diffusers."""
@@ -374,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny models: the suite's CPU mode")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_suite.json"))
     parser.add_argument("--only", help="run only the checks whose name contains this text")
+    parser.add_argument("--skip", help="skip the checks whose name contains this text")
     parser.add_argument("--work", help="keep the built models and runs in this folder (default: a temporary one)")
     args = parser.parse_args(argv)
     missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
@@ -387,14 +458,20 @@ def main(argv: list[str] | None = None) -> int:
     from egrpo.methods import METHODS
     from egrpo.rollout import ODE_SOLVERS
 
+    spec = importlib.util.spec_from_file_location("wan_smoke", ROOT / "benchmarks" / "wan_smoke.py")
+    wan_smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wan_smoke)
+
     with contextlib.ExitStack() as stack:
         work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         suite = Suite(work, args.device, args.tiny, Path(args.out))
-        for kind in ("flux", "sd3"):
+        for kind in ("flux", "sd3", "qwen-image"):
             build_pipeline(work / kind, kind, suite.size)
         build_clip_tokenizer(work / "clip_tokenizer")
         build_clip_model(work / "clip_model", work / "clip_tokenizer", suite.size["reward_width"])
         build_hps_checkpoint(work / "hps", len(json.loads((work / "clip_tokenizer" / "vocab.json").read_text())))
+        wan_smoke.save_pipeline(work / "wan", suite.size["wan"], args.device)
+        wan_smoke.write_prompts(work / "wan", suite.size["wan"])
 
         checks = []
         for kind in ("flux", "sd3"):
@@ -405,7 +482,17 @@ def main(argv: list[str] | None = None) -> int:
                 checks.append((f"{kind}/egrpo-fast/{solver}", partial(
                     suite.train, kind, run_name, f"method.completion_solver={solver}", method="egrpo-fast")))
             checks.append((f"{kind}/lora", partial(suite.lora, kind)))
+            checks.append((f"{kind}/compile", partial(suite.compiled, kind)))
+        # Qwen-Image: the engine is the same; what is its own (masks, CFG rescale, its VAE) runs in these four
+        for method in ("egrpo", "egrpo-fast"):
+            checks.append((f"qwen-image/{method}", partial(suite.train, "qwen-image", f"qwen-image-{method}",
+                                                           method=method)))
+        checks.append(("qwen-image/lora", partial(suite.lora, "qwen-image")))
+        checks.append(("qwen-image/compile", partial(suite.compiled, "qwen-image")))
         checks += [
+            ("wan/full", partial(suite.wan, "wan-full", "model.lora_rank=0", "train.lr=1e-5")),
+            ("wan/lora", partial(suite.wan, "wan-lora")),
+            ("wan/compile", partial(suite.wan, "wan-compile", "model.compile=true", method="egrpo-fast")),
             ("torchrun/ddp", partial(suite.distributed, "ddp")),
             ("torchrun/fsdp", partial(suite.distributed, "fsdp")),
             ("cli/eval+sample+figures-completion", suite.eval_sample_figures),
@@ -414,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             ("resume/exactness", suite.resume_exactness),
         ]
         for name, fn in checks:
-            if not args.only or args.only in name:
+            if (not args.only or args.only in name) and not (args.skip and args.skip in name):
                 suite.check(name, fn)
         passed = sum(r["status"] == "ok" for r in suite.results)
         print(f"gpu suite: {passed} of {len(suite.results)} checks passed; results in {args.out}")

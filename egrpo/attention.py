@@ -31,17 +31,21 @@ CHOICES = ("auto", *BACKENDS)
 
 
 def probe(name: str, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
-          repeats: int = 3) -> float | str:
+          repeats: int = 3, masked: bool = False) -> float | str:
     """Seconds of one forward + backward of backend ``name`` at ``shape`` (batch, heads, tokens, head width), after
-    a warm-up call; or, when it cannot run there, the first line of its error."""
+    a warm-up call; or, when it cannot run there, the first line of its error. ``masked``: with a boolean key mask
+    (batch, 1, 1, tokens), as Qwen-Image masks its text padding (flash attention takes no mask)."""
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = torch.ones(shape[0], 1, 1, shape[2], dtype=torch.bool, device=device) if masked else None
+    if mask is not None:
+        mask[..., : shape[2] // 4] = False  # a mask of ones alone could be dropped by a kernel's fast path
     try:
         with sdpa_kernel(BACKENDS[name]):
             for i in range(repeats + 1):
                 if i == 1:
                     _synchronize(device)
                     started = time.perf_counter()
-                out = F.scaled_dot_product_attention(q, k, v)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                 out.backward(torch.ones_like(out))
             _synchronize(device)
     except RuntimeError as exc:
@@ -49,9 +53,10 @@ def probe(name: str, shape: tuple[int, int, int, int], dtype: torch.dtype, devic
     return (time.perf_counter() - started) / repeats
 
 
-def fastest(candidates: tuple[str, ...], shape, dtype, device) -> tuple[str, dict[str, float | str]]:
+def fastest(candidates: tuple[str, ...], shape, dtype, device, masked: bool = False
+            ) -> tuple[str, dict[str, float | str]]:
     """The candidate with the shortest forward + backward that ran, and every candidate's probe result."""
-    results = {name: probe(name, shape, dtype, device) for name in candidates}
+    results = {name: probe(name, shape, dtype, device, masked=masked) for name in candidates}
     ran = {name: seconds for name, seconds in results.items() if isinstance(seconds, float)}
     if not ran:
         raise ConfigError(
@@ -61,7 +66,8 @@ def fastest(candidates: tuple[str, ...], shape, dtype, device) -> tuple[str, dic
     return min(ran, key=ran.get), results
 
 
-def choose(setting: str, shape, dtype, device: torch.device, deterministic: bool) -> tuple[str | None, str]:
+def choose(setting: str, shape, dtype, device: torch.device, deterministic: bool, masked: bool = False
+           ) -> tuple[str | None, str]:
     """(backend name, or None for torch's own choice; a line saying what was chosen and why)."""
     if setting not in CHOICES:
         raise ConfigError(f"model.attention_backend must be one of {', '.join(CHOICES)}, got {setting!r}")
@@ -71,7 +77,7 @@ def choose(setting: str, shape, dtype, device: torch.device, deterministic: bool
             "attention has a deterministic backward; pick one of them or auto"
         )
     if setting != "auto":
-        result = probe(setting, shape, dtype, device, repeats=1)
+        result = probe(setting, shape, dtype, device, repeats=1, masked=masked)
         if isinstance(result, str):
             raise ConfigError(
                 f"model.attention_backend={setting} cannot run at {_describe(shape, dtype)} on {device} ({result}); "
@@ -81,7 +87,7 @@ def choose(setting: str, shape, dtype, device: torch.device, deterministic: bool
     if device.type != "cuda":
         return None, "attention: torch's choice (auto on the CPU)"
     candidates = DETERMINISTIC if deterministic else tuple(BACKENDS)
-    name, results = fastest(candidates, shape, dtype, device)
+    name, results = fastest(candidates, shape, dtype, device, masked)
     timings = ", ".join(f"{n} {r * 1e3:.2f} ms" if isinstance(r, float) else f"{n} failed ({r})"
                         for n, r in results.items())
     return name, f"attention: {name}, the fastest forward + backward at {_describe(shape, dtype)} ({timings})"

@@ -121,7 +121,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     p = config.plan
     rule = f"tau = {p.tau}" if p.merge == "adaptive" else p.merge
-    print(f"T={plan.num_steps} shift={plan.shift} eta={plan.eta} merge: {rule}  (H = exp. entropy per dimension)")
+    shift = f"{plan.shift} (terminal {plan.shift_terminal})" if plan.shift_terminal is not None else f"{plan.shift}"
+    print(f"T={plan.num_steps} shift={shift} eta={plan.eta} merge: {rule}  (H = exp. entropy per dimension)")
     print(f"{'step':>4} {'sigma':>7} {'dt':>8} {'H(i,1)':>7} {'l':>3} {'H(i,l)':>7}")
     for row in plan.table():
         merged = f"{row['merge_length']:>3} {row['merged_entropy']:>7.3f}" if row["active"] else f"{'-':>3} {'-':>7}"
@@ -375,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="config overrides, e.g. model.pretrained=PATH when the base pipeline has moved")
     exp.set_defaults(func=cmd_export)
 
-    prep = sub.add_parser("preprocess", help="encode prompt files once into the text-embedding cache (FLUX, SD3)")
+    prep = sub.add_parser("preprocess",
+                          help="encode prompt files once into the text-embedding cache (FLUX, SD3, Qwen-Image)")
     prep.add_argument("config", nargs="?", help="the training config (its model.kind and model.pretrained)")
     prep.add_argument("overrides", nargs="*", help=overrides_help)
     prep.add_argument(

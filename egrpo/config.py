@@ -29,47 +29,72 @@ from egrpo.rewards import factory as reward_factory
 from egrpo.rollout import ODE_SOLVERS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-MODEL_KINDS = ("embedded", "flux", "sd3")  # egrpo.tasks.TASKS has one factory for each (tested)
+MODEL_KINDS = ("embedded", "flux", "sd3", "qwen-image", "wan")  # egrpo.tasks.TASKS has one factory for each (tested)
+# the kinds with true classifier-free guidance: egrpo.models.text_cache.DEFAULT_NEGATIVE_PROMPT's keys (tested)
+NEGATIVE_PROMPT_KINDS = ("sd3", "qwen-image", "wan")
 KL_SCHEDULES = ("constant", "linear", "cosine")  # egrpo.grpo.kl_weight computes each
 
 
 @dataclass
 class ModelConfig:
     kind: str = "embedded"
-    """Policy adapter: 'embedded' (tiny FLUX-architecture model on the digits), 'flux' or 'sd3' (diffusers)."""
+    """Policy adapter: 'embedded' (tiny FLUX-architecture model on the digits), 'flux', 'sd3', 'qwen-image' or 'wan'
+    (diffusers; 'wan' is Wan 2.1 / 2.2 text-to-video)."""
     checkpoint: Optional[str] = None
     """Base weights (a .safetensors file or a run directory); None = the shipped base model."""
     pretrained: Optional[str] = None
-    """Diffusers pipeline of kind 'flux' / 'sd3': a hub id (black-forest-labs/FLUX.1-dev) or a local folder.
-    Training loads only its transformer and VAE; the text encoders run once, in ``egrpo preprocess``."""
+    """Diffusers pipeline of a pipeline kind: a hub id (black-forest-labs/FLUX.1-dev) or a local folder. Training
+    loads only its transformer and VAE; the text encoders run once, in ``egrpo preprocess``."""
     embedding_cache: Optional[str] = None
-    """Text embeddings of every prompt for 'flux' / 'sd3' (a .safetensors file written by ``egrpo preprocess``)."""
+    """Text embeddings of every prompt for a pipeline (a .safetensors file written by ``egrpo preprocess``)."""
     height: int = 720
-    """Image height in pixels for 'flux' / 'sd3' (the authors' FLUX code: 720)."""
+    """Image (or video frame) height in pixels of a pipeline (the authors' FLUX code: 720)."""
     width: int = 720
-    """Image width in pixels for 'flux' / 'sd3'."""
+    """Image (or video frame) width in pixels of a pipeline."""
+    frames: int = 81
+    """'wan': frames of a video, 4k + 1 (the VAE keeps the first frame and folds each next 4 into one latent frame;
+    Wan 2.1's default: 81, 5 s at 16 fps). Other kinds make images and ignore it."""
+    reward_frames: Union[int, list] = 4
+    """'wan': the frames every reward scores, the video's reward being their mean: a count, spread evenly from the
+    first frame to the last (as DanceGRPO scores HPS on frames), or a list of frame indices. Only these frames are
+    kept after decoding, and they are what sample grids and evaluations show, as a strip per sample."""
     guidance: Optional[float] = None
     """FLUX: embedded guidance (None = 3.5; ignored by transformers without guidance embeddings).
-    SD3: true classifier-free guidance scale (None = 4.5 as in Flow-GRPO; 1 = no unconditional branch)."""
+    SD3: true classifier-free guidance scale (None = 4.5 as in Flow-GRPO; 1 = no unconditional branch).
+    Qwen-Image: QwenImagePipeline's ``true_cfg_scale`` with its norm rescale (None = 4 as its authors and Flow-GRPO;
+    1 = no negative branch).
+    Wan: true classifier-free guidance against model.negative_prompt (None = 5 as WanPipeline; <= 1 = none)."""
+    guidance_2: Optional[float] = None
+    """'wan' 2.2 with two experts: the guidance scale of the low-noise expert (None = model.guidance, as
+    WanPipeline's guidance_scale_2)."""
+    negative_prompt: Optional[str] = None
+    """The negative prompt of true classifier-free guidance (SD3, Qwen-Image, Wan), encoded by ``egrpo preprocess``
+    into the cache; None = SD3's and Wan's empty prompt, Qwen-Image's " " (its authors' example)."""
     max_sequence_length: Optional[int] = None
-    """T5 tokens per prompt in the embedding cache; None = the pipeline's default (FLUX 512, SD3 256)."""
+    """Most text tokens per prompt in the embedding cache (T5; Qwen-Image: Qwen2.5-VL, after its template; Wan:
+    umT5); None = the pipeline's default (FLUX 512, SD3 256, Qwen-Image 512, Wan 512)."""
     device: Optional[str] = None
-    """Where 'flux' / 'sd3' run ('cuda', 'cuda:1', 'cpu'); None = the first GPU if there is one, else the CPU."""
+    """Where a pipeline runs ('cuda', 'cuda:1', 'cpu'); None = the first GPU if there is one, else the CPU."""
     attention_backend: str = "auto"
-    """Scaled-dot-product-attention kernel of 'flux' / 'sd3': 'auto' (on a GPU, the fastest of cudnn, flash,
+    """Scaled-dot-product-attention kernel of a pipeline: 'auto' (on a GPU, the fastest of cudnn, flash,
     efficient and math whose forward and backward run at the model's attention shape, probed once at start and
     printed; on the CPU, torch's choice) or one of them by name (egrpo/attention.py)."""
+    compile: bool = False
+    """Regional torch.compile of the transformer's repeated blocks for the forwards that never enter a log-probability:
+    ODE completions, untrained ODE steps and evaluation sampling (egrpo/regional_compile.py); the trained transitions'
+    forwards and the update stay eager, so the first PPO ratio stays exactly 1. Compiles once at start (reported)."""
     dtype: str = "bfloat16"
-    """Compute dtype of 'flux' / 'sd3' on a GPU, 'bfloat16' (autocast; fp32 master weights) or 'float32';
+    """Compute dtype of a pipeline on a GPU, 'bfloat16' (autocast; fp32 master weights) or 'float32';
     on the CPU everything runs in fp32."""
     gradient_checkpointing: bool = False
     """Recompute transformer blocks in the backward pass instead of storing their activations."""
     lora_rank: int = 0
-    """LoRA rank of the 'flux' / 'sd3' transformer (peft); 0 = full fine-tuning."""
+    """LoRA rank of a pipeline's transformer (peft); 0 = full fine-tuning."""
     lora_alpha: float = 64.0
     """LoRA scaling numerator (the update is scaled by alpha / rank; Flow-GRPO: rank 32, alpha 64)."""
     lora_target_modules: Optional[list] = None
-    """Module names LoRA adapts; None = the attention projections of the joint blocks (Flow-GRPO's list)."""
+    """Module names LoRA adapts; None = the attention projections of the joint blocks (Flow-GRPO's list; Wan: the
+    self- and cross-attention projections of every block)."""
     decode_batch: int = 4
     """Most latents the VAE decodes at once (a memory bound: an iteration decodes every branch sample)."""
 
@@ -80,6 +105,9 @@ class SamplingConfig:
     """T, the denoising steps of a rollout (paper: 16)."""
     shift: float = 3.0
     """Time-grid shift s (paper: 3)."""
+    shift_terminal: Optional[float] = None
+    """Stretch the shifted grid so that its last point before 0 is this sigma, as diffusers' scheduler does with
+    ``shift_terminal`` (Qwen-Image's: 0.02); None = no stretch (FLUX, SD3)."""
     eta: float = 0.7
     """SDE noise level a of std_t = a sqrt(sigma / (1 - sigma)) (paper: 0.7)."""
     noise: str = "flow"
@@ -580,6 +608,8 @@ def validate(config: Config) -> None:
     checks = [
         (s.num_steps >= 2, f"sampling.num_steps must be >= 2 (a step to branch and one to finish), got {s.num_steps}"),
         (s.shift > 0, "sampling.shift must be > 0"),
+        (s.shift_terminal is None or 0 < s.shift_terminal < 1,
+         f"sampling.shift_terminal must be in (0, 1) or null, got {s.shift_terminal}"),
         (s.eta >= 0, "sampling.eta must be >= 0"),
         (s.noise in ("flow", "dance"), f"sampling.noise must be 'flow' or 'dance', got {s.noise!r}"),
         (p.tau >= 0, f"plan.tau must be >= 0 (0 disables merging), got {p.tau}"),
@@ -593,6 +623,12 @@ def validate(config: Config) -> None:
         (0 <= config.eval.seed < 2**32, f"eval.seed must be in [0, 2**32), got {config.eval.seed}"),
         (config.model.kind in MODEL_KINDS,
          f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {config.model.kind!r}"),
+        (not config.model.compile or config.model.kind != "embedded",
+         "model.compile applies to the diffusers pipelines (model.kind flux, sd3, ...); the embedded digits model is "
+         "too small to gain from it: set model.compile=false"),
+        (config.model.negative_prompt is None or config.model.kind in NEGATIVE_PROMPT_KINDS,
+         f"model.negative_prompt is for the true classifier-free guidance of model.kind "
+         f"{', '.join(NEGATIVE_PROMPT_KINDS)}; model.kind={config.model.kind!r} runs none: remove it"),
         (p.merge_lengths is None or all(type(n) is int for n in p.merge_lengths),
          f"plan.merge_lengths must be whole numbers of steps, got {p.merge_lengths}"),
         (isinstance(p.active_steps, str) or all(type(n) is int for n in p.active_steps),

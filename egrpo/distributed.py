@@ -193,8 +193,8 @@ class World:
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The FLUX / SD3 blocks, each its own FSDP unit; found under a LoRA (peft) wrapper too."""
-    names = ("transformer_blocks", "single_transformer_blocks")
+    """The FLUX / SD3 / Qwen-Image / Wan blocks, each its own FSDP unit; found under a LoRA (peft) wrapper too."""
+    names = ("transformer_blocks", "single_transformer_blocks", "blocks")
     return [block for name, module in model.named_modules() if name.split(".")[-1] in names for block in module]
 
 

@@ -48,7 +48,8 @@ def vendi_score(features: torch.Tensor) -> torch.Tensor:
 
 def encoder(setting: str, components: dict, kind: str) -> tuple[str, Encoder] | None:
     """(name, features of images) of ``eval.diversity_encoder`` (``components``: the run's built rewards by name);
-    None when there is none to use ('none', or 'auto' with no clip-family reward on a real model)."""
+    None when there is none to use ('none', or 'auto' with no clip-family reward on a real model). A video's
+    features are the mean of its frames'."""
     if setting == "none":
         return None
     if kind == "embedded" and setting == "auto":
@@ -56,16 +57,18 @@ def encoder(setting: str, components: dict, kind: str) -> tuple[str, Encoder] | 
 
         judge = load_reward_models().judge
         return "judge", lambda images: judge.features(images.to(next(judge.parameters()).device))
+    from egrpo.video import frames_mean
+
     if setting == "auto":
         name = next((n for n in CLIP_FAMILY if n in components), None)
-        return (name, components[name].image_features) if name else None
+        return (name, frames_mean(components[name].image_features)) if name else None
     if setting not in CLIP_FAMILY:
         raise ConfigError(f"eval.diversity_encoder must be auto, none or one of {', '.join(CLIP_FAMILY)}, got "
                           f"{setting!r}")
     if setting not in components:
         raise ConfigError(f"eval.diversity_encoder={setting}: the run has no {setting} reward; add it with weight 0 "
                           f"(reward.{setting}.weight=0 and its checkpoint) to use its image tower")
-    return setting, components[setting].image_features
+    return setting, frames_mean(components[setting].image_features)
 
 
 def novelty(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """``egrpo export``: a run's trained weights in diffusers' own formats, loadable without egrpo.
 
-LoRA runs (FLUX, SD3) become the pipeline's LoRA file, ``pytorch_lora_weights.safetensors``, written by the
+LoRA runs (FLUX, SD3, Qwen-Image) become the pipeline's LoRA file, ``pytorch_lora_weights.safetensors``, written by the
 pipeline's own ``save_lora_weights`` with peft's keys and the adapter's rank, alpha and targets in its
 metadata, so ``pipe.load_lora_weights(DIR)`` applies exactly the trained update. Full fine-tunes and the
 embedded model become a transformer folder, ``DIR/transformer`` (config.json and safetensors shards with their
@@ -35,7 +35,10 @@ EMBEDDED_KIND = "embedded-digits-flux"  # egrpo.embedded.model.DigitsPolicy.arch
 DIFFUSERS = {  # model.kind -> (pipeline, transformer) classes
     "flux": ("FluxPipeline", "FluxTransformer2DModel"),
     "sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
+    "qwen-image": ("QwenImagePipeline", "QwenImageTransformer2DModel"),
+    "wan": ("WanPipeline", "WanTransformer3DModel"),
 }
+LABELS = {"flux": "FLUX", "sd3": "SD3", "qwen-image": "Qwen-Image", "wan": "Wan", EMBEDDED_KIND: "embedded digits"}
 _DTYPES = {name: dtype for dtype, name in ckpt.SAFETENSORS_DTYPES.items()}
 _PEFT_PREFIX = "base_model.model."  # peft's PeftModel wrapper; diffusers' loaders address the bare transformer
 
@@ -148,7 +151,7 @@ def _checked_arch(source, config: cfg.Config, run: Path) -> dict:
 
 
 def _label(arch: dict) -> str:
-    kind = {"flux": "FLUX", "sd3": "SD3", EMBEDDED_KIND: "embedded digits"}.get(arch.get("kind"), str(arch.get("kind")))
+    kind = LABELS.get(arch.get("kind"), str(arch.get("kind")))
     return f"{kind} LoRA" if arch.get("lora") else kind
 
 
@@ -295,7 +298,8 @@ def _card(what: str, arch: dict, config: cfg.Config, run: Path, path: Path, out:
     lines = ["---", "library_name: diffusers"]
     if config.model.pretrained:
         lines.append(f"base_model: {config.model.pretrained}")
-    tags = dict.fromkeys(["egrpo", config.method.name, "text-to-image", *(["lora"] if arch.get("lora") else [])])
+    task = "text-to-video" if arch["kind"] == "wan" else "text-to-image"
+    tags = dict.fromkeys(["egrpo", config.method.name, task, *(["lora"] if arch.get("lora") else [])])
     lines += [f"tags: [{', '.join(tags)}]", "---", ""]
     lines += [
         f"# {_label(arch)}, fine-tuned by egrpo",
@@ -336,6 +340,10 @@ def _snippet(arch: dict, config: cfg.Config, out: Path) -> str:
     pipeline, transformer = DIFFUSERS[arch["kind"]]
     if arch["kind"] == "flux":
         from egrpo.models.flux import DEFAULT_GUIDANCE
+    elif arch["kind"] == "qwen-image":
+        from egrpo.models.qwen_image import DEFAULT_GUIDANCE
+    elif arch["kind"] == "wan":
+        from egrpo.models.wan import DEFAULT_GUIDANCE
     else:
         from egrpo.models.sd3 import DEFAULT_GUIDANCE
     guidance = DEFAULT_GUIDANCE if config.model.guidance is None else config.model.guidance
@@ -357,4 +365,15 @@ def _snippet(arch: dict, config: cfg.Config, out: Path) -> str:
             "torch_dtype=torch.bfloat16)",
         ]
     call = f"guidance_scale={guidance:g}, height={config.model.height}, width={config.model.width}"  # as trained
+    if arch["kind"] == "wan":
+        from egrpo.models.text_cache import negative_prompt
+
+        negative = negative_prompt(config.model)
+        call += f", num_frames={config.model.frames}" + (f", negative_prompt={negative!r}" if negative else "")
+        return "\n".join([*lines, f'video = pipe("a cat walking in the snow", {call}).frames[0]'])
+    if arch["kind"] == "qwen-image":  # true CFG runs only with a negative prompt
+        from egrpo.models.text_cache import negative_prompt
+
+        call = (f"negative_prompt={negative_prompt(config.model)!r}, true_cfg_scale={guidance:g}, "
+                f"height={config.model.height}, width={config.model.width}")
     return "\n".join([*lines, f'image = pipe("a photo of a cat", {call}).images[0]'])

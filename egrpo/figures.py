@@ -47,7 +47,7 @@ def _hide_axes(ax) -> None:
 def entropy(config: cfg.Config, out: Path, max_length: int = 6) -> dict:
     """H(i, l) at every step i for l = 1..max_length, tau as a line, the plan's chosen (i, l_i) marked."""
     s, p = config.sampling, config.plan
-    sigmas = time_grid(s.num_steps, s.shift)
+    sigmas = time_grid(s.num_steps, s.shift, s.shift_terminal)
     plan = make_plan(**cfg.plan_kwargs(config))
     curves = {
         l: [step_entropy(sigmas, i, l, s.eta, s.noise) if i + l <= s.num_steps else None for i in range(s.num_steps)]
@@ -408,6 +408,7 @@ def failures(
     Ranked by how far ``check`` fell. The JSON holds every such sample and the share of all samples.
     """
     from egrpo.evaluation import generate, reference_run, same_samples
+    from egrpo.video import score_frames
 
     reference = reference_run([tuned, base])
     before, after = generate(base, overrides, reference), generate(tuned, overrides, reference)
@@ -419,8 +420,8 @@ def failures(
     prompts = before.prompts
     score = {name: _reward_fn(name, [after.config, before.config]) for name in (reward, check)}
     with torch.no_grad():
-        r0, r1 = (score[reward](x, prompts).float() for x in (before.images, after.images))
-        c0, c1 = (score[check](x, prompts).float() for x in (before.images, after.images))
+        r0, r1 = (score_frames(score[reward], x, prompts).float() for x in (before.images, after.images))
+        c0, c1 = (score_frames(score[check], x, prompts).float() for x in (before.images, after.images))
     hacked = ((r1 > r0) & (c1 < c0)).nonzero().flatten()
     hacked = hacked[torch.argsort(c1[hacked] - c0[hacked])]
     cases = [

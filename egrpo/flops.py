@@ -1,4 +1,4 @@
-"""FLOPs of a diffusers transformer (FLUX, SD3) per latent: counted by torch on the meta device, and FLUX's formula.
+"""FLOPs of a diffusers transformer (FLUX, SD3, Wan) per latent: counted by torch on the meta device; FLUX by formula.
 
 The count runs the configured transformer on the ``meta`` device under ``torch.utils.flop_counter.FlopCounterMode``:
 shapes only, no memory and no weights, seconds on a CPU for FLUX.1-dev. The counter adds up the matrix products
@@ -56,16 +56,22 @@ def count(module: nn.Module, inputs: Mapping[str, torch.Tensor], backward: bool 
 
 
 def transformer_inputs(transformer_class: str, config: Mapping, height: int, width: int, text_tokens: int,
-                       batch: int = 1, vae_scale_factor: int = 8) -> dict[str, torch.Tensor]:
-    """Meta tensors of the shapes a FLUX or SD3 pipeline passes its transformer for ``height`` x ``width``
-    images: FLUX's latent packed into 2x2 patches (one token each), SD3's latent as an image it patchifies."""
-    b, text, pooled = batch, config["joint_attention_dim"], config["pooled_projection_dim"]
+                       batch: int = 1, vae_scale_factor: int = 8, latent_frames: int = 1) -> dict[str, torch.Tensor]:
+    """Meta tensors of the shapes a FLUX, SD3, Qwen-Image or Wan pipeline passes its transformer for ``height`` x
+    ``width`` images: FLUX's and Qwen-Image's latents packed into 2x2 patches (one token each), SD3's latent as an
+    image it patchifies, Wan's video latent of ``latent_frames`` frames, which it patchifies, with the umT5 sequence
+    alone."""
+    b = batch
+    if transformer_class == "WanTransformer3DModel":
+        latent = (config["in_channels"], latent_frames, height // vae_scale_factor, width // vae_scale_factor)
+        with torch.device("meta"):
+            return {"hidden_states": torch.zeros(b, *latent), "timestep": torch.zeros(b),
+                    "encoder_hidden_states": torch.zeros(b, text_tokens, config["text_dim"])}
+    text, pooled = config["joint_attention_dim"], config.get("pooled_projection_dim")
     with torch.device("meta"):
-        inputs = {
-            "timestep": torch.zeros(b),
-            "encoder_hidden_states": torch.zeros(b, text_tokens, text),
-            "pooled_projections": torch.zeros(b, pooled),
-        }
+        inputs = {"timestep": torch.zeros(b), "encoder_hidden_states": torch.zeros(b, text_tokens, text)}
+        if pooled is not None:
+            inputs["pooled_projections"] = torch.zeros(b, pooled)
         if transformer_class == "FluxTransformer2DModel":
             tokens = (height // (2 * vae_scale_factor)) * (width // (2 * vae_scale_factor))
             inputs.update(hidden_states=torch.zeros(b, tokens, config["in_channels"]),
@@ -75,15 +81,21 @@ def transformer_inputs(transformer_class: str, config: Mapping, height: int, wid
         elif transformer_class == "SD3Transformer2DModel":
             latent = (config["in_channels"], height // vae_scale_factor, width // vae_scale_factor)
             inputs["hidden_states"] = torch.zeros(b, *latent)
+        elif transformer_class == "QwenImageTransformer2DModel":  # FLUX's packing; a text mask, no pooled text
+            rows, cols = height // (2 * vae_scale_factor), width // (2 * vae_scale_factor)
+            inputs.update(hidden_states=torch.zeros(b, rows * cols, config["in_channels"]),
+                          encoder_hidden_states_mask=torch.ones(b, text_tokens, dtype=torch.bool),
+                          img_shapes=[[(1, rows, cols)]] * b)
         else:
-            raise ValueError(f"no inputs known for {transformer_class}: FLUX or SD3 transformers only")
+            raise ValueError(f"no inputs known for {transformer_class}: FLUX, SD3, Qwen-Image (images) and Wan "
+                             "(videos) only")
     return inputs
 
 
 def transformer_flops(transformer_class: str, config: Mapping, height: int, width: int, text_tokens: int,
                       batch: int = 1, vae_scale_factor: int = 8, lora_rank: int = 0,
                       lora_targets: Sequence[str] | None = None, gradient_checkpointing: bool = False,
-                      backward: bool = True) -> TransformerFlops:
+                      backward: bool = True, latent_frames: int = 1) -> TransformerFlops:
     """The transformer ``transformer_class`` (a diffusers class name) built from ``config`` on the meta device,
     with LoRA adapters of ``lora_rank`` on ``lora_targets`` (egrpo's defaults when None) or every weight trained,
     counted on one call of ``batch`` samples: forward, and with ``backward`` forward + backward as trained."""
@@ -99,22 +111,25 @@ def transformer_flops(transformer_class: str, config: Mapping, height: int, widt
         model.requires_grad_(False)
         model = with_lora(model, lora_rank, 1.0, list(lora_targets or DEFAULT_LORA_TARGETS))  # alpha only scales
     model.train(backward)
-    inputs = transformer_inputs(transformer_class, config, height, width, text_tokens, batch, vae_scale_factor)
+    inputs = transformer_inputs(transformer_class, config, height, width, text_tokens, batch, vae_scale_factor,
+                                latent_frames)
     with contextlib.nullcontext() if backward else torch.no_grad():
         forward, both = count(model, inputs, backward)
     return TransformerFlops(forward, both, batch, gradient_checkpointing, lora_rank)
 
 
 def policy_flops(policy, backward: bool = True) -> TransformerFlops:
-    """FLOPs per latent of a FLUX or SD3 policy's ``velocity`` (``batch`` 1), as configured: resolution, the
-    embedding cache's text length, LoRA, gradient checkpointing. SD3 under classifier-free guidance runs the
-    transformer on two samples a latent (the prompt and the empty prompt), so its count is of batch 2."""
+    """FLOPs per latent of a pipeline policy's ``velocity`` (``batch`` 1), as configured: resolution (and Wan's
+    frames), the embedding cache's text length, LoRA, gradient checkpointing. Under true classifier-free guidance
+    (SD3, Qwen-Image, Wan) the transformer runs on two samples a latent (the prompt and the negative prompt), so the
+    count is of batch 2."""
     settings = policy.settings
-    samples = 2 if policy.kind == "sd3" and getattr(policy, "guidance", 1.0) != 1.0 else 1
+    samples = 2 if policy.true_cfg else 1
+    latent_frames = policy.latent_shape[1] if policy.transformer_class == "WanTransformer3DModel" else 1
     counted = transformer_flops(
         policy.transformer_class, policy.transformer_config, settings.height, settings.width,
         policy.cache.text_shape[0], samples, policy.vae_scale_factor, settings.lora_rank,
-        getattr(policy, "lora_targets", None), settings.gradient_checkpointing, backward,
+        getattr(policy, "lora_targets", None), settings.gradient_checkpointing, backward, latent_frames,
     )
     return TransformerFlops(counted.forward, counted.forward_backward, 1, counted.gradient_checkpointing,
                             counted.lora_rank)

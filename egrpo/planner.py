@@ -41,6 +41,7 @@ class RolloutPlan:
     sigmas: torch.Tensor  # fp64, T + 1 values
     noise: NoiseKind = "flow"  # the SDE whose entropy the plan measured
     branches: list[Branch] = field(default_factory=list)
+    shift_terminal: float | None = None  # the grid's stretch (time_grid's terminal), None = none
 
     @property
     def merge_lengths(self) -> list[int]:
@@ -73,6 +74,7 @@ class RolloutPlan:
         return {
             "num_steps": self.num_steps,
             "shift": self.shift,
+            "shift_terminal": self.shift_terminal,
             "eta": self.eta,
             "active_steps": self.active_steps,
             "merge_lengths": self.merge_lengths,
@@ -135,6 +137,7 @@ def make_plan(
     merge_length: int = 1,
     merge_lengths: Sequence[int] | None = None,
     noise: NoiseKind = "flow",
+    shift_terminal: float | None = None,
 ) -> RolloutPlan:
     """Build the E-GRPO rollout plan. ``noise``: the SDE of the rollout (its std_t enters the entropy).
 
@@ -143,7 +146,7 @@ def make_plan(
     """
     if tau < 0:
         raise ValueError(f"tau must be >= 0 (0 disables merging), got {tau}")
-    sigmas = time_grid(num_steps, shift)
+    sigmas = time_grid(num_steps, shift, shift_terminal)
     steps = resolve_active_steps(active_steps, num_steps)
     if merge == "adaptive":
         lengths = [adaptive_length(sigmas, i, eta, tau, noise) for i in steps]
@@ -171,7 +174,8 @@ def make_plan(
         )
         for i, l in zip(steps, lengths)
     ]
-    return RolloutPlan(num_steps=num_steps, shift=shift, eta=eta, sigmas=sigmas, branches=branches, noise=noise)
+    return RolloutPlan(num_steps=num_steps, shift=shift, eta=eta, sigmas=sigmas, branches=branches, noise=noise,
+                       shift_terminal=shift_terminal)
 
 
 def plan_kwargs(config: Config) -> dict:
@@ -187,4 +191,5 @@ def plan_kwargs(config: Config) -> dict:
         merge_length=p.merge_length,
         merge_lengths=p.merge_lengths,
         noise=s.noise,
+        shift_terminal=s.shift_terminal,
     )

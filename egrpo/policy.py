@@ -1,7 +1,7 @@
 """What the engine needs from a flow model: velocities, prompt conditioning, and images from latents.
 
 The rollout engine and the trainer only talk to this protocol, so the embedded digits model and the
-FLUX / SD3 adapters are interchangeable. Conditioning is a plain dict of tensors with a leading batch
+FLUX / SD3 / Qwen-Image / Wan adapters are interchangeable. Conditioning is a plain dict of tensors with a leading batch
 dimension, so the engine can index and repeat it without knowing what is inside.
 """
 
@@ -37,13 +37,20 @@ class Policy(Protocol):
         """
         ...
 
+    def completion_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """``velocity`` for the forwards whose output never enters a log-probability (ODE completions, untrained ODE
+        steps, evaluation sampling): a policy may answer it faster and less exactly (``model.compile``). The forwards
+        of trained transitions always go through ``velocity``, the path the update recomputes."""
+        ...
+
     def freeze_reference(self) -> None:
         """Keep the current weights as the reference of ``velocity(..., reference=True)``; the trainer
         calls it once on the base model, before any update or resumed checkpoint is loaded."""
         ...
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [0, 1] from final latents."""
+        """Images (B, C, H, W) in [0, 1] from final latents; a video model's K scored frames, (B, K, C, H, W)
+        (rewards and pictures take either: egrpo.video)."""
         ...
 
     def arch_config(self) -> dict:

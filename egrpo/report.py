@@ -23,8 +23,11 @@ def wrapped(label: str, width: int = 24) -> str:
 
 
 def show_image(ax, image: torch.Tensor) -> None:
-    """Draw one (C, H, W) image in [0, 1]: grayscale for one channel, RGB for three."""
-    pixels = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0)
+    """Draw one (C, H, W) image in [0, 1], or a video's (K, C, H, W) frames as a strip: grayscale for one
+    channel, RGB for three."""
+    from egrpo.video import still
+
+    pixels = still(image).detach().float().cpu().clamp(0, 1).permute(1, 2, 0)
     if pixels.shape[-1] == 1:
         ax.imshow(pixels.squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
     else:

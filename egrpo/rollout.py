@@ -76,16 +76,18 @@ def network_batch(max_batch: int | str) -> int:
     return AUTO_MAX_BATCH if max_batch == "auto" else max_batch
 
 
-def chunked_velocity(policy: Policy, max_batch: int) -> VelocityFn:
-    """Velocity over any batch, in chunks of at most ``max_batch`` latents (memory bound for big models)."""
+def chunked_velocity(policy: Policy, max_batch: int, completion: bool = False) -> VelocityFn:
+    """Velocity over any batch, in chunks of at most ``max_batch`` latents (memory bound for big models).
+    ``completion``: the calls never enter a log-probability, so they may take the policy's faster path."""
+    call = policy.completion_velocity if completion else policy.velocity
 
     def velocity(x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         if x.shape[0] <= max_batch:
-            return policy.velocity(x, sigma, cond)
+            return call(x, sigma, cond)
         outs = []
         for start in range(0, x.shape[0], max_batch):
             rows = slice(start, start + max_batch)  # a view: no gather of the chunk on the device
-            outs.append(policy.velocity(x[rows], sigma[rows], {k: v[rows] for k, v in cond.items()}))
+            outs.append(call(x[rows], sigma[rows], {k: v[rows] for k, v in cond.items()}))
         return torch.cat(outs)
 
     return velocity
@@ -211,7 +213,8 @@ def rollout_branches(
     or, with ``completion_steps`` n, in n steps placed by the grid's time shift between its landing sigma
     and 0 (``shifted_grid_from``), whatever its landing. ``solver``: see :func:`solve_ode`.
     """
-    velocity = chunked_velocity(policy, max_batch)
+    # The anchor's velocities at the active steps enter the jumps' log-probabilities; the completions' never do.
+    velocity, completion = chunked_velocity(policy, max_batch), chunked_velocity(policy, max_batch, completion=True)
     sigmas = plan.sigmas
     p = next(iter(cond.values())).shape[0]
     shape = tuple(policy.latent_shape)
@@ -238,11 +241,11 @@ def rollout_branches(
     if completion_steps is None:
         stride = torch.tensor(granularities).repeat(p * k * g)
         final, calls = integrate_ode(
-            velocity, start, select(cond, prompt_of), sigmas, _expand(land_of, n_gran), stride, solver
+            completion, start, select(cond, prompt_of), sigmas, _expand(land_of, n_gran), stride, solver
         )
     else:
         grids = shifted_grid_from(sigmas[_expand(land_of, n_gran)], completion_steps, plan.shift)
-        final, calls = solve_ode(velocity, start, select(cond, prompt_of), grids, solver)
+        final, calls = solve_ode(completion, start, select(cond, prompt_of), grids, solver)
 
     train_steps = []
     transitions = torch.arange(p * k * g).reshape(p, k, g)
@@ -288,7 +291,7 @@ def rollout_trajectories(
 ) -> Rollout:
     """Flow-GRPO, DanceGRPO, MixGRPO: G whole trajectories per prompt, SDE at ``sde_steps`` and ODE
     elsewhere; transitions at ``train_steps`` are trained; one group per prompt."""
-    velocity = chunked_velocity(policy, max_batch)
+    velocity, completion = chunked_velocity(policy, max_batch), chunked_velocity(policy, max_batch, completion=True)
     p, g = next(iter(cond.values())).shape[0], group_size
     shape = tuple(policy.latent_shape)
     if shared_noise:
@@ -301,7 +304,7 @@ def rollout_trajectories(
     records = []
     for i in range(len(sigmas) - 1):
         s_from, s_to = sigmas[i].expand(p * g), sigmas[i + 1].expand(p * g)
-        v = velocity(x, s_from.float(), cond_all)
+        v = (velocity if i in trained else completion)(x, s_from.float(), cond_all)
         if i in sde:
             eps = per_prompt_noise(generators, (g, *shape), policy.device)
             jump = sde_step(x, v, s_from, s_to, eta, float(sigmas[1]), eps, noise_kind)
@@ -335,7 +338,7 @@ def rollout_tree(
     """BranchGRPO: one shared noise per prompt; at each split step every node branches into
     ``branch_factor`` children with one SDE step, ODE elsewhere. A child's reward is the mean of its
     leaves; children are normalised among all nodes of the same depth of the prompt's tree."""
-    velocity = chunked_velocity(policy, max_batch)
+    velocity, completion = chunked_velocity(policy, max_batch), chunked_velocity(policy, max_batch, completion=True)
     p = next(iter(cond.values())).shape[0]
     shape = tuple(policy.latent_shape)
     x = per_prompt_noise(generators, (1, *shape), policy.device)
@@ -345,7 +348,7 @@ def rollout_tree(
     for i in range(len(sigmas) - 1):
         n = x.shape[0]
         s_from, s_to = sigmas[i].expand(n), sigmas[i + 1].expand(n)
-        v = velocity(x, s_from.float(), select(cond, rows))
+        v = (velocity if i in split_steps else completion)(x, s_from.float(), select(cond, rows))
         calls += n
         if i in split_steps:
             x_rep, v_rep = _expand(x, branch_factor), _expand(v, branch_factor)
@@ -377,5 +380,5 @@ def sample_images(
     policy: Policy, cond: Cond, noise: torch.Tensor, sigmas: torch.Tensor, max_batch: int = 1024
 ) -> torch.Tensor:
     """Deterministic ODE samples decoded to images: the evaluation and ``egrpo sample`` path."""
-    final, _ = integrate_ode(chunked_velocity(policy, max_batch), noise, cond, sigmas)
+    final, _ = integrate_ode(chunked_velocity(policy, max_batch, completion=True), noise, cond, sigmas)
     return policy.decode(final)

@@ -48,38 +48,75 @@ def local_rows(tensor: torch.Tensor) -> tuple[int, int]:
     return offset[0] if shape[0] else 0, offset[0] + shape[0] if shape[0] else 0
 
 
-def fill_from_safetensors(model: nn.Module, files: list[Path], device: torch.device) -> None:
+def stored_name(name: str) -> str:
+    """The name a weight file gives the tensor ``name`` of a model that peft wrapped with LoRA adapters (peft's
+    ``base_model.model.X.base_layer.weight`` is the file's ``X.weight``); other names are their own."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def fill_from_safetensors(
+    model: nn.Module,
+    files: list[Path],
+    device: torch.device,
+    fresh: Callable[[str, torch.Size], torch.Tensor | None] | None = None,
+) -> None:
     """Allocate ``model``'s (sharded, meta) tensors on ``device`` and read each rank's rows from ``files``.
 
     A tensor named in several files is read from the last one, so a fine-tuned checkpoint listed after the
-    base weights overrides them. Every parameter and buffer must be found with its exact shape.
+    base weights overrides them. Every parameter and buffer must be found with its exact shape, but buffers a
+    model computes itself and never saves (non-persistent: Wan's RoPE tables), which keep the values they were
+    built with, off the meta device, and tensors no file holds for which ``fresh(name, shape)`` gives a starting
+    value (LoRA adapters over a base model's files; each rank takes its rows of it).
     """
+    computed = {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules() for name in module._non_persistent_buffers_set
+    }
+    kept = {name: b.detach().clone() for name, b in model.named_buffers() if name in computed}
+    unbuilt = sorted(name for name, b in kept.items() if b.is_meta)
+    if unbuilt:
+        raise ValueError(f"{unbuilt[:3]} are computed, not saved, and were built on the meta device: build them first")
     model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name in kept:
+                buffer.copy_(kept[name])
     targets = dict(model.named_parameters())
-    targets.update(model.named_buffers())
-    owner: dict[str, Path] = {}
+    targets.update((name, b) for name, b in model.named_buffers() if name not in computed)
+    # A base model's files name a LoRA-wrapped model's base weights their own way; a fine-tuned run's file names
+    # its tensors as the model does.
+    by_key = {**{stored_name(name): name for name in targets}, **{name: name for name in targets}}
+    owner: dict[str, tuple[Path, str]] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:
-                owner.update({name: Path(file) for name in f.keys() if name in targets})
+                owner.update({by_key[key]: (Path(file), key) for key in f.keys() if key in by_key})
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
-    missing = sorted(set(targets) - set(owner))
+    started = {}
+    for name in set(targets) - set(owner):
+        value = fresh(name, targets[name].shape) if fresh is not None else None
+        if value is not None:
+            started[name] = value
+    missing = sorted(set(targets) - set(owner) - set(started))
     if missing:
         raise CheckpointError(
             f"{len(missing)} of the model's {len(targets)} tensors are in none of {[str(f) for f in files]}, "
             f"e.g. {missing[:3]}: the weights belong to another architecture"
         )
-    by_file: dict[Path, list[str]] = {}
-    for name, file in owner.items():
-        by_file.setdefault(file, []).append(name)
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, (file, key) in owner.items():
+        by_file.setdefault(file, []).append((name, key))
     with torch.no_grad():
+        for name, value in started.items():
+            start, stop = local_rows(targets[name])
+            local_part(targets[name]).copy_(value[start:stop])
         for file, names in by_file.items():
             # pread, not a memory map: mapped pages a rank touched would stay resident while the file is open.
             with safe_open(str(file), framework="pt", backend="pread") as f:
-                for name in names:
+                for name, key in names:
                     target = targets[name]
-                    rows = f.get_slice(name)
+                    rows = f.get_slice(key)
                     if tuple(rows.get_shape()) != tuple(target.shape):
                         raise CheckpointError(
                             f"{file}: {name} has shape {tuple(rows.get_shape())}, "
@@ -89,7 +126,7 @@ def fill_from_safetensors(model: nn.Module, files: list[Path], device: torch.dev
                     if stop > start:
                         local_part(target).copy_(rows[start:stop])
                     elif target.dim() == 0:
-                        local_part(target).copy_(f.get_tensor(name))
+                        local_part(target).copy_(f.get_tensor(key))
 
 
 def check_weights_header(path: Path, module: nn.Module, arch: dict) -> None:

@@ -21,14 +21,22 @@ NoiseKind = Literal["flow", "dance"]
 TWO_PI_E = 2.0 * math.pi * math.e
 
 
-def time_grid(num_steps: int, shift: float) -> torch.Tensor:
-    """Shifted grid ``sigma_i = s u / (1 + (s - 1) u)`` with ``u = 1 - i / T``, i = 0..T (fp64, T + 1 values)."""
+def time_grid(num_steps: int, shift: float, terminal: float | None = None) -> torch.Tensor:
+    """Shifted grid ``sigma_i = s u / (1 + (s - 1) u)`` with ``u = 1 - i / T``, i = 0..T (fp64, T + 1 values).
+
+    ``terminal`` (diffusers' ``shift_terminal``, Qwen-Image's 0.02): the points before the final 0 are stretched,
+    ``sigma_i <- 1 - (1 - sigma_i) (1 - terminal) / (1 - sigma_{T-1})``, so that ``sigma_{T-1} = terminal``."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if shift <= 0:
         raise ValueError(f"shift must be > 0, got {shift}")
     u = 1.0 - torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
-    return shift * u / (1.0 + (shift - 1.0) * u)
+    sigmas = shift * u / (1.0 + (shift - 1.0) * u)
+    if terminal is not None:
+        if not 0.0 < terminal < 1.0 or num_steps < 2:
+            raise ValueError(f"terminal must be in (0, 1) on a grid of >= 2 steps, got {terminal} on {num_steps}")
+        sigmas[:-1] = 1.0 - (1.0 - sigmas[:-1]) * (1.0 - terminal) / (1.0 - sigmas[-2])
+    return sigmas
 
 
 def flow_noise_std(sigma: torch.Tensor, eta: float, sigma_clamp: float) -> torch.Tensor:

@@ -113,7 +113,8 @@ def _checked_weights(path: Path, policy: Policy) -> Path:
 
 
 def _pipeline_task(config: Config, load_policy: Callable, on_meta: bool) -> Task:
-    """A diffusers pipeline (FLUX, SD3): prompt files and the embedding cache are checked before any weights load."""
+    """A diffusers pipeline (FLUX, SD3, Qwen-Image, Wan): prompt files and the embedding cache are checked before
+    any weights load."""
     from egrpo.models.text_cache import EmbeddingCache
 
     kind = config.model.kind
@@ -162,7 +163,22 @@ def _sd3(config: Config, on_meta: bool) -> Task:
     return _pipeline_task(config, SD3Policy.load, on_meta)
 
 
-TASKS: dict[str, Callable[[Config, bool], Task]] = {"embedded": _embedded, "flux": _flux, "sd3": _sd3}
+def _qwen_image(config: Config, on_meta: bool) -> Task:
+    from egrpo.models.qwen_image import QwenImagePolicy
+
+    return _pipeline_task(config, QwenImagePolicy.load, on_meta)
+
+
+def _wan(config: Config, on_meta: bool) -> Task:
+    from egrpo.models.wan import WanPolicy, check_trained_steps
+
+    check_trained_steps(config)
+    return _pipeline_task(config, WanPolicy.load, on_meta)
+
+
+TASKS: dict[str, Callable[[Config, bool], Task]] = {
+    "embedded": _embedded, "flux": _flux, "sd3": _sd3, "qwen-image": _qwen_image, "wan": _wan,
+}
 
 
 def weights_path(checkpoint: str) -> Path:

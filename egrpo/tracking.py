@@ -79,7 +79,9 @@ def scalars(record: dict, prefix: str = "") -> dict[str, float]:
 def image_grid(images: torch.Tensor, columns: int, rows: int = GRID_ROWS, side: int = TILE_SIDE) -> torch.Tensor:
     """Held-out samples (N, C, H, W) in [0, 1], ordered prompt by prompt, as one (H', W', 3) uint8 image: a row per
     prompt (the first ``rows``), a column per seed, tiles at most ``side`` pixels and 2 pixels apart."""
-    images = images[: min(rows, images.shape[0] // columns) * columns].detach().float().cpu().clamp(0, 1)
+    from egrpo.video import strips
+
+    images = strips(images[: min(rows, images.shape[0] // columns) * columns]).detach().float().cpu().clamp(0, 1)
     scale = side / max(images.shape[-2:])
     if scale < 1:
         images = F.interpolate(images, scale_factor=scale, mode="bilinear", antialias=True).clamp(0, 1)

@@ -189,10 +189,12 @@ class Trainer:
     def _fill_shards(self) -> None:
         """Allocate this rank's shards of the meta-built model and read them: from the weight files, then
         (a fine-tuned start) from a sharded checkpoint."""
+        from egrpo.models.pipeline import lora_initial_value
         from egrpo.sharding import fill_from_safetensors
 
         files = [f for f in self.task.weight_files if not ckpt.is_sharded(f)]
-        fill_from_safetensors(self.model, files, self.policy.device)
+        # LoRA adapters are in no base file: each rank starts its rows of them as one process would
+        fill_from_safetensors(self.model, files, self.policy.device, fresh=lora_initial_value)
         for directory in (f for f in self.task.weight_files if ckpt.is_sharded(f)):
             from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -517,6 +519,11 @@ class Trainer:
         main = self.world.is_main
         if main:
             self._log = MetricsLog(self.run_dir, cfg, self.start_iteration)
+        compile_seconds = None
+        if cfg.model.compile:  # compiled before any clock starts: the iterations' seconds are the steady state
+            compile_seconds = self.policy.compile_completions(self.train_cond)
+            if main:
+                print(f"model.compile: the transformer's blocks compiled in {compile_seconds:.1f} s", flush=True)
         base_file, base_images_file = self.run_dir / "eval_base.json", self.run_dir / "eval_base_images.safetensors"
         if not self.world.broadcast(base_file.exists()):
             base_metrics, base_images = self.evaluate()
@@ -575,6 +582,7 @@ class Trainer:
             "world_size": self.world.size,
             "weight_checksum": checksum,
             "rank_weight_checksums": checksums,
+            **({"compile_seconds": compile_seconds} if compile_seconds is not None else {}),
         }
         if self.world.mode != "fsdp" and len(set(checksums)) > 1:
             raise RuntimeError(f"ranks ended with different weights (checksums {checksums}): data-parallel sync failed")
@@ -770,10 +778,10 @@ def _scoring(reward: dict) -> dict:
 
 
 def _check_fsdp_supported(config: Config) -> None:
-    if config.model.kind != "embedded" and config.model.lora_rank > 0:
+    if config.model.compile:
         raise ConfigError(
-            "train.distributed=fsdp with model.lora_rank > 0: LoRA trains only small adapters over a frozen base, "
-            "so shard nothing: use train.distributed=ddp (each rank holds the base in bf16, 24 GB for FLUX.1-dev)"
+            "model.compile with train.distributed=fsdp: compiling blocks that FSDP unshards in their forward hooks is "
+            "not tested yet; use train.distributed=ddp (with LoRA) or model.compile=false"
         )
     if uses_kl(config.train.kl_schedule, config.train.kl_coef, config.train.kl_coef_end):
         raise ConfigError(

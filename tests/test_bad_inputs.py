@@ -270,7 +270,9 @@ def test_export_mistakes(tmp_path, capsys):
 
 
 def test_the_config_knows_every_model_kind_the_tasks_build():
-    from egrpo.config import MODEL_KINDS
+    from egrpo.config import MODEL_KINDS, NEGATIVE_PROMPT_KINDS
+    from egrpo.models.text_cache import DEFAULT_NEGATIVE_PROMPT, KINDS
     from egrpo.tasks import TASKS
 
-    assert set(MODEL_KINDS) == set(TASKS)
+    assert set(MODEL_KINDS) == set(TASKS) == {"embedded", *KINDS}
+    assert set(NEGATIVE_PROMPT_KINDS) == set(DEFAULT_NEGATIVE_PROMPT)

@@ -88,12 +88,12 @@ def test_sd3_counts_and_policy_flops_count_cfg_as_two_samples():
 
     def policy(guidance):
         settings = SimpleNamespace(height=64, width=64, lora_rank=0, gradient_checkpointing=True)
-        return SimpleNamespace(kind="sd3", guidance=guidance, settings=settings, vae_scale_factor=8,
+        return SimpleNamespace(kind="sd3", true_cfg=guidance != 1.0, settings=settings, vae_scale_factor=8,
                                transformer_class="SD3Transformer2DModel", transformer_config=sd3,
-                               cache=SimpleNamespace(text_shape=(10, 32)))
+                               cache=SimpleNamespace(text_shape=(10, 32)), latent_shape=(4, 8, 8))
 
     assert flops.policy_flops(policy(1.0)) == one
     guided = flops.policy_flops(policy(4.5))
     assert (guided.batch, guided.forward, guided.forward_backward) == (1, 2 * one.forward, 2 * one.forward_backward)
-    with pytest.raises(ValueError, match="FLUX or SD3"):
+    with pytest.raises(ValueError, match="FLUX, SD3, Qwen-Image"):
         flops.transformer_inputs("UNet2DConditionModel", sd3, 64, 64, 10)

@@ -81,7 +81,7 @@ def save_tiny_flux(root: Path) -> None:
     ).save_pretrained(root)
 
 
-def save_tiny_sd3(root: Path) -> None:
+def save_tiny_sd3(root: Path, **transformer_options) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(0)
@@ -89,7 +89,7 @@ def save_tiny_sd3(root: Path) -> None:
     transformer = SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
-        pos_embed_max_size=16,
+        pos_embed_max_size=16, **transformer_options,
     )
     StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), transformer=transformer,
@@ -358,6 +358,9 @@ def test_shipped_configs_load():
     assert cfg.reward_specs(cfg.load("flux-dev-hps-clip")) == {"hps": (0.7, {}), "clip": (0.3, {})}
     sd35 = cfg.load("sd35-medium-hps")
     assert (sd35.model.kind, sd35.model.lora_rank, sd35.model.lora_alpha, sd35.model.guidance) == ("sd3", 32, 64.0, 4.5)
+    large = cfg.load("sd35-large-hps")
+    assert (large.model.pretrained, large.model.height, large.model.guidance, large.sampling.shift) == (
+        "stabilityai/stable-diffusion-3.5-large", 1024, 3.5, 3.0)
 
 
 def test_gpu_smoke_runs_tiny_on_cpu(tmp_path):
@@ -399,3 +402,75 @@ def test_a_named_attention_kernel_is_used_and_one_that_cannot_run_is_refused_bef
                  f"output_dir={tmp_path / 'cudnn'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.attention_backend=cudnn cannot run at 2 heads x" in err
+
+
+@pytest.mark.parametrize("shape", ["sd35-large", "sd35-medium"])
+def test_sd3_adapter_samples_as_the_pipeline_on_sd35_shaped_transformers(shape, tmp_path):
+    """SD3.5 Large's transformer has RMS q/k norms and no dual-attention blocks, Medium's both (the tiny SD3 above has
+    neither): egrpo's sampler equals StableDiffusion3Pipeline's loop on each, and LoRA adapts every joint block."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from egrpo.models.sd3 import SD3Policy
+    from egrpo.models.text_cache import write_cache
+    from egrpo.rollout import integrate_ode
+    from egrpo.stepmath import time_grid
+
+    torch.manual_seed(0)
+    dual = (0,) if shape == "sd35-medium" else ()
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+        pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=dual,
+    )
+    vae = tiny_vae()
+    rows = (torch.randn(2, 8, 32), torch.randn(2, 32))
+    negative = {"uncond_text": torch.randn(1, 8, 32), "uncond_pooled": torch.randn(1, 32)}
+    write_cache(tmp_path / "cache.safetensors", "sd3", EVAL, [rows], negative, negative="")
+    model = cfg.ModelConfig(kind="sd3", pretrained="unused", embedding_cache=str(tmp_path / "cache.safetensors"),
+                            height=32, width=32, device="cpu", guidance=3.5)
+    policy = SD3Policy(model, transformer, vae, EmbeddingCache(model.embedding_cache))
+    noise = torch.randn((2, *policy.latent_shape), generator=torch.Generator().manual_seed(0))
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ours, _ = integrate_ode(policy.velocity, noise, policy.encode(EVAL), time_grid(4, 3.0))
+        theirs = pipe(prompt_embeds=rows[0], pooled_prompt_embeds=rows[1],
+                      negative_prompt_embeds=negative["uncond_text"].expand(2, -1, -1),
+                      negative_pooled_prompt_embeds=negative["uncond_pooled"].expand(2, -1), guidance_scale=3.5,
+                      latents=noise, height=32, width=32, sigmas=list(np.linspace(1.0, 1 / 4, 4)),
+                      output_type="latent").images
+    assert (ours - theirs).abs().max() <= 1e-4 * ours.abs().max()
+
+    lora = SD3Policy(cfg.ModelConfig(**{**vars(model), "lora_rank": 4}), transformer, vae, policy.cache)
+    adapted = {name.split(".lora_A")[0] for name, _ in lora.model.named_parameters() if ".lora_A" in name}
+    for block in range(2):
+        expected = {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"}
+        expected |= {"to_add_out"} if block == 0 else set()  # the last block's text stream has no output projection
+        prefix = f"transformer_blocks.{block}.attn."
+        assert {name.split(prefix)[1] for name in adapted if prefix in name} == expected
+
+
+def test_the_shipped_sd35_large_recipe_trains_a_tiny_sd35_large_shaped_pipeline(tmp_path):
+    """`egrpo preprocess` and `egrpo train sd35-large-hps` (LoRA, true CFG 3.5) on a pipeline whose transformer has
+    SD3.5 Large's RMS q/k norms: one iteration with the first ratio exactly 1, then its LoRA export."""
+    root = tmp_path / "large"
+    save_tiny_sd3(root / "pipeline", qk_norm="rms_norm")
+    (root / "prompts.txt").write_text("\n".join(TRAIN + EVAL) + "\n")
+    overrides = ["reward={jpeg_compressibility: 1.0}", f"model.pretrained={root / 'pipeline'}",
+                 f"model.embedding_cache={root / 'cache.safetensors'}", "model.height=32", "model.width=32",
+                 "model.max_sequence_length=8", "model.device=cpu", "model.lora_rank=4", "sampling.num_steps=4",
+                 "plan.active_steps=first:2", "train.iterations=1", "train.group_size=2",
+                 "train.prompts_per_iteration=1", f"prompts.train={root / 'prompts.txt'}",
+                 f"prompts.eval={root / 'prompts.txt'}", "eval.seeds_per_prompt=1", f"output_dir={root / 'run'}"]
+    assert main(["preprocess", "sd35-large-hps", *overrides, "--out", str(root / "cache.safetensors"),
+                 "--no-progress"]) == 0
+    assert main(["train", "sd35-large-hps", *overrides, "--no-progress"]) == 0
+    first = json.loads((root / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["first_ratio_max_dev"] == 0.0
+    config = cfg.load(str(root / "run" / "config.yaml"))
+    assert config.model.guidance == 3.5 and config.model.lora_rank == 4
+    assert main(["export", str(root / "run"), "--out", str(root / "export")]) == 0
+    assert (root / "export" / "pytorch_lora_weights.safetensors").is_file()

@@ -1,7 +1,8 @@
 """Rewards: a small protocol, a registry by name, and weighted combinations.
 
 A reward scores a batch of images (B, C, H, W) in [0, 1] against their prompts and returns a
-float tensor (B,). Adding one is one class plus one ``register`` line. ``http`` scores with a reward
+float tensor (B,). Videos (B, K, C, H, W) are scored as the mean over their K frames (:mod:`egrpo.video`),
+so no reward needs to know about them. Adding one is one class plus one ``register`` line. ``http`` scores with a reward
 served by another process or machine (``egrpo serve-reward``, :mod:`egrpo.rewards.remote`); ``http-LABEL``
 is another one, so several served rewards can be weighed together.
 """
@@ -72,7 +73,9 @@ class WeightedReward:
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        parts = {name: fn(images, prompts).float() for name, fn in self.components.items()}
+        from egrpo.video import score_frames
+
+        parts = {name: score_frames(fn, images, prompts).float() for name, fn in self.components.items()}
         total = sum(self.weights[name] * parts[name] for name in parts)
         return total, parts
 

@@ -21,6 +21,11 @@ Protocol 1, JSON over HTTP:
     first, as HPS, CLIP, PickScore, ImageReward and JPEG compressibility do (their references receive PIL
     images); the digits rewards read the float image.
 
+  Videos (a video model's samples: K frames each) travel the same way: ``shape`` [B, K, C, H, W] for the
+  float encoding, and for png ``"frames": K`` beside B x K PNGs, a video's frames in order. A server of an
+  image reward scores a video as the mean of its frames' scores, as the trainer does in process
+  (:func:`egrpo.video.score_frames`); a server of a video scorer gets the clips whole.
+
   Scores are JSON numbers, written as the shortest text that reads back to the same float (NaN and
   Infinity as Python's json writes them); ``dtype`` is the reward's own output dtype, so the client rebuilds
   the same tensor.
@@ -60,6 +65,7 @@ from typing import Sequence
 import torch
 
 from egrpo.errors import ConfigError
+from egrpo.video import score_frames
 
 PROTOCOL = 1
 ENCODINGS = ("float", "png")
@@ -85,9 +91,10 @@ class _Retryable(Exception):
 
 
 def encode_images(images: torch.Tensor, encoding: str = "float") -> dict:
-    """(B, C, H, W) images -> the ``images`` field of a score request (see the module docstring)."""
-    if images.ndim != 4:
-        raise ValueError(f"expected images (B, C, H, W), got shape {tuple(images.shape)}")
+    """(B, C, H, W) images or (B, K, C, H, W) videos -> the ``images`` field of a score request (see the module
+    docstring)."""
+    if images.ndim not in (4, 5):
+        raise ValueError(f"expected images (B, C, H, W) or videos (B, K, C, H, W), got shape {tuple(images.shape)}")
     x = images.detach().cpu()
     if encoding == "float":
         if x.dtype not in DTYPES.values():
@@ -98,6 +105,8 @@ def encode_images(images: torch.Tensor, encoding: str = "float") -> dict:
     if encoding == "png":
         from PIL import Image
 
+        frames = x.shape[1] if x.ndim == 5 else None
+        x = x.flatten(0, 1) if frames else x
         if x.shape[1] not in (1, 3):
             raise ValueError(f"png encoding takes grey (C = 1) or RGB (C = 3) images, got C = {x.shape[1]}")
         levels = x.float().mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -107,20 +116,21 @@ def encode_images(images: torch.Tensor, encoding: str = "float") -> dict:
             # PNG is lossless at every level; 1 is the fastest to write
             Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, "PNG", compress_level=1)
             data.append(base64.b64encode(buffer.getvalue()).decode())
-        return {"encoding": "png", "data": data}
+        return {"encoding": "png", "data": data, **({"frames": frames} if frames else {})}
     raise ValueError(f"unknown image encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}")
 
 
 def decode_images(field: object) -> torch.Tensor:
-    """The ``images`` field of a score request -> a (B, C, H, W) tensor; a malformed field is a ``BadRequest``."""
+    """The ``images`` field of a score request -> a (B, C, H, W) tensor, or (B, K, C, H, W) for videos; a malformed
+    field is a ``BadRequest``."""
     if not isinstance(field, dict) or field.get("encoding") not in ENCODINGS:
         raise BadRequest(f"'images' must be an object with 'encoding' one of {', '.join(ENCODINGS)}")
     if field["encoding"] == "float":
         dtype, shape, data = field.get("dtype"), field.get("shape"), field.get("data")
         if dtype not in DTYPES:
             raise BadRequest(f"images.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if not (isinstance(shape, list) and len(shape) == 4 and all(type(n) is int and n >= 0 for n in shape)):
-            raise BadRequest(f"images.shape must be [B, C, H, W], got {shape!r}")
+        if not (isinstance(shape, list) and len(shape) in (4, 5) and all(type(n) is int and n >= 0 for n in shape)):
+            raise BadRequest(f"images.shape must be [B, C, H, W] or, for videos, [B, K, C, H, W], got {shape!r}")
         raw = _b64(data, "images.data")
         expected = math.prod(shape) * DTYPES[dtype].itemsize
         if len(raw) != expected:
@@ -144,7 +154,13 @@ def decode_images(field: object) -> torch.Tensor:
         arrays.append(pixels.reshape(image.height, image.width, -1).permute(2, 0, 1))
     if len({a.shape for a in arrays}) > 1:
         raise BadRequest(f"the PNGs of one request must share size and mode, got {sorted({a.shape for a in arrays})}")
-    return torch.stack(arrays).float().div(255)
+    images = torch.stack(arrays).float().div(255)
+    frames = field.get("frames")
+    if frames is None:
+        return images
+    if type(frames) is not int or frames < 1 or len(arrays) % frames:
+        raise BadRequest(f"images.frames must be a whole number >= 1 dividing the {len(arrays)} PNGs, got {frames!r}")
+    return images.unflatten(0, (-1, frames))
 
 
 def _b64(text: object, where: str) -> bytes:
@@ -196,7 +212,7 @@ class RewardServer(ThreadingHTTPServer):
             raise BadRequest(f"{images.shape[0]} images but {len(prompts)} prompts")
         with self.lock:
             try:
-                scores = self.reward(images, prompts)
+                scores = score_frames(self.reward, images, prompts)
             except ValueError as exc:  # the rewards' way of refusing an input (shape, prompt, options)
                 raise BadRequest(f"reward {self.name}: {exc}") from None
         scores = scores.detach().cpu()
@@ -262,8 +278,11 @@ class HttpReward:
     The server is asked for ``/info`` when the reward is built, so a wrong URL stops a run before its first
     rollout. Scores come back on the images' device. They equal the in-process reward's bit for bit when each
     request holds the batch the in-process reward would see (``batch_size`` at least the images scored at once):
-    a network's last bit can depend on how many images share its forward pass.
+    a network's last bit can depend on how many images share its forward pass. Videos are sent whole (the server
+    of an image reward averages their frames' scores), ``batch_size`` videos a request.
     """
+
+    takes_video = True  # egrpo.video.score_frames hands it the clips; the server decides how to score them
 
     def __init__(
         self,
@@ -301,9 +320,9 @@ class HttpReward:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        if images.ndim != 4 or len(prompts) != images.shape[0]:
-            raise ValueError(f"expected images (B, C, H, W) and B prompts, got {tuple(images.shape)} and "
-                             f"{len(prompts)} prompts")
+        if images.ndim not in (4, 5) or len(prompts) != images.shape[0]:
+            raise ValueError(f"expected images (B, C, H, W) or videos (B, K, C, H, W) and B prompts, got "
+                             f"{tuple(images.shape)} and {len(prompts)} prompts")
         scores = []
         for start in range(0, images.shape[0], self.batch_size):
             chunk, names = images[start : start + self.batch_size], list(prompts[start : start + self.batch_size])
