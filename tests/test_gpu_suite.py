@@ -54,5 +54,5 @@ def test_the_gpu_suites_compile_checks_pass_at_tiny_sizes_on_the_cpu(tmp_path):
     out = tmp_path / "suite.json"
     assert suite.main(["--tiny", "--device", "cpu", "--out", str(out), "--only", "/compile"]) == 0
     checks = json.loads(out.read_text())["checks"]
-    assert [c["check"] for c in checks] == ["flux/compile", "sd3/compile", "wan/compile"]
+    assert [c["check"] for c in checks] == ["flux/compile", "sd3/compile", "qwen-image/compile", "wan/compile"]
     assert all(c["status"] == "ok" and c["compile_seconds"] > 0 for c in checks), checks
