@@ -245,6 +245,15 @@ class PipelinePolicy:
         moves the few rows of each call there."""
         return self.cache.lookup(prompts)
 
+    def with_negative(
+        self, x: torch.Tensor, timestep: torch.Tensor, rows: Cond
+    ) -> tuple[torch.Tensor, torch.Tensor, Cond]:
+        """Both branches of true classifier-free guidance as one batch: the negative prompt's rows before the
+        prompts' (each of ``rows``' tensors), and the latents and timesteps twice."""
+        b = x.shape[0]
+        rows = {name: torch.cat([self._uncond[name].expand(b, *row.shape[1:]), row]) for name, row in rows.items()}
+        return torch.cat([x, x]), torch.cat([timestep, timestep]), rows
+
     @property
     def true_cfg(self) -> bool:
         """Whether each velocity call also runs the negative prompt's branch (true classifier-free guidance)."""

@@ -91,18 +91,14 @@ class QwenImagePolicy(PipelinePolicy):
         cond = self.on_device(cond)
         x = x.to(self.device)
         timestep = sigma.to(self.device, torch.float32)
-        text, mask = cond["text"], cond["text_mask"]
         if self._uncond is not None:
-            b = x.shape[0]
-            text = torch.cat([self._uncond["text"].expand(b, -1, -1), text])
-            mask = torch.cat([self._uncond["text_mask"].expand(b, -1), mask])
-            x, timestep = torch.cat([x, x]), torch.cat([timestep, timestep])
+            x, timestep, cond = self.with_negative(x, timestep, cond)
         with context, self.autocast(), self.attention():
             out = net(
                 hidden_states=x,
                 timestep=timestep,
-                encoder_hidden_states=text,
-                encoder_hidden_states_mask=mask.bool(),
+                encoder_hidden_states=cond["text"],
+                encoder_hidden_states_mask=cond["text_mask"].bool(),
                 img_shapes=[[self._img_shape]] * x.shape[0],
                 return_dict=False,
             )[0].float()

@@ -53,18 +53,14 @@ class SD3Policy(PipelinePolicy):
         cond = self.on_device(cond)
         x = x.to(self.device)
         timestep = sigma.to(self.device, torch.float32) * 1000.0  # SD3 takes the scheduler's timestep, 1000 sigma
-        text, pooled = cond["text"], cond["pooled"]
         if self._uncond is not None:
-            b = x.shape[0]
-            text = torch.cat([self._uncond["text"].expand(b, -1, -1), text])
-            pooled = torch.cat([self._uncond["pooled"].expand(b, -1), pooled])
-            x, timestep = torch.cat([x, x]), torch.cat([timestep, timestep])
+            x, timestep, cond = self.with_negative(x, timestep, cond)
         with context, self.autocast(), self.attention():
             out = net(
                 hidden_states=x,
                 timestep=timestep,
-                encoder_hidden_states=text,
-                pooled_projections=pooled,
+                encoder_hidden_states=cond["text"],
+                pooled_projections=cond["pooled"],
                 return_dict=False,
             )[0].float()
         if self._uncond is None:

@@ -218,9 +218,8 @@ class WanPolicy(PipelinePolicy):
                 text: torch.Tensor) -> torch.Tensor:
         guided = self._uncond is not None and scale > 1.0
         if guided:
-            b = x.shape[0]
-            text = torch.cat([self._uncond["text"].expand(b, -1, -1), text])
-            x, timestep = torch.cat([x, x]), torch.cat([timestep, timestep])
+            x, timestep, rows = self.with_negative(x, timestep, {"text": text})
+            text = rows["text"]
         with context or contextlib.nullcontext(), self.autocast(), self.attention():
             out = net(hidden_states=x, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0].float()
         if not guided:
