@@ -4,6 +4,16 @@ import torch
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny networks: waking a second thread costs more than their arithmetic (on a busy 2-core
+    machine a tiny FLUX forward takes 0.2 s on two threads and 2 ms on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def eval_prompt_file(tmp_path):
     path = tmp_path / "eval_prompts.txt"

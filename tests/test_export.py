@@ -16,14 +16,7 @@ from egrpo.cli import main
 from egrpo.evaluation import load_config
 from egrpo.tasks import build_task
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks: a second thread costs more than their arithmetic (see test_flux_sd3)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from egrpo.methods import build_method
 from egrpo.models.text_cache import EmbeddingCache
 from egrpo.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see conftest.one_thread
+
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "a an the photo painting of cat dog red blue green car tree house on in with under sky".split()
 TRAIN = ["a photo of a red car", "a painting of a dog", "the blue sky over a house", "a cat under a tree"]
@@ -118,16 +120,6 @@ def write_config(root: Path, kind: str) -> Path:
     path = root / "config.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The networks here are tiny: waking a second thread costs more than their arithmetic (on a busy
-    2-core machine a FLUX forward takes 0.2 s on two threads and 2 ms on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=["flux", "sd3"])

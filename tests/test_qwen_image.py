@@ -18,6 +18,8 @@ from egrpo.rollout import integrate_ode
 from egrpo.stepmath import time_grid
 from egrpo.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see conftest.one_thread
+
 WORDS = "a an the photo painting of cat dog red blue green car tree house on over in with under sky".split()
 # the words of QwenImagePipeline's prompt template: with one token each, its system part is the 34 tokens the
 # pipeline drops (prompt_template_encode_start_idx), as with the real tokenizer
@@ -118,15 +120,6 @@ def write_config(root: Path) -> Path:
     path = root / "config.yaml"
     path.write_text(json.dumps(config))
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks: a second thread costs more than their arithmetic (see test_flux_sd3)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ from egrpo.rollout import chunked_velocity, integrate_ode
 from egrpo.stepmath import time_grid
 from egrpo.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see conftest.one_thread
+
 MARK = 1e-3
 
 
@@ -37,14 +39,6 @@ def marking_backend(gm, example_inputs):
         return [mark(o) for o in gm(*args)]
 
     return run
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -18,17 +18,10 @@ from egrpo.rollout import chunked_velocity, integrate_ode
 from egrpo.tasks import build_task
 from egrpo.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see conftest.one_thread
+
 NEGATIVE = "a blue painting"  # the unconditional branch's text, in the cache
 FRAMES = 5  # 4k + 1: two latent frames
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks: a second thread costs more than their arithmetic (see test_flux_sd3)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_transformer():
